@@ -1,0 +1,18 @@
+"""lipdp: differentially private deep learning without per-sample gradient clipping."""
+
+from lipdp.bounds import (
+    BoundReport,
+    ModelValidationError,
+    UnsupportedModuleError,
+    analyze,
+    check_model,
+    lipschitz_constant,
+    parameter_sensitivities,
+    register_bound_rule,
+    validate,
+)
+
+__all__ = [
+    "BoundReport", "ModelValidationError", "UnsupportedModuleError", "analyze", "check_model",
+    "lipschitz_constant", "parameter_sensitivities", "register_bound_rule", "validate",
+]

@@ -1,0 +1,147 @@
+"""The bound protocol and the registry that gives foreign modules (torch, orthogonium) the same rules.
+
+Every supported module answers three questions from its *current* weights (DESIGN.md §2):
+
+* ``lipschitz(module, ctx)``: a certified upper bound of its Lipschitz constant (the real operator);
+* ``output_bound(module, x_bound, ctx)``: a bound on ``||h(a)||`` for any ``||a|| <= x_bound``;
+* ``param_sensitivities(module, x_bound, grad_bound, ctx)``: for each of its parameters (names relative
+  to the module, as in ``named_parameters()``; a reparametrised weight under its materialised name), a bound
+  on the norm of one sample's gradient, given the input-norm bound and the bound ``grad_bound`` on the
+  gradient arriving at its output.
+
+lipdp's own layers implement these as methods ``lipschitz(ctx)``, ``output_bound(x_bound, ctx)`` and
+``param_sensitivities(x_bound, grad_bound, ctx)``. Foreign module types get a ``BoundRule`` registered with
+``@register_bound_rule(Type, ...)`` (as Opacus registers grad samplers); the rules live one file per layer
+family (``rules_linear.py``, ``rules_conv.py``, ...).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
+
+from torch import nn
+
+if TYPE_CHECKING:
+    from lipdp.bounds.context import BoundContext
+
+
+class UnsupportedModuleError(ValueError):
+    """A module lipdp cannot bound; the message names its path in the model and the fix."""
+
+    def __init__(self, path: str, module: nn.Module, reason: str, fix: str) -> None:
+        self.path = path or "<model>"
+        self.module_type = type(module).__name__
+        self.reason = reason
+        self.fix = fix
+        super().__init__(f"{self.path} ({self.module_type}): {reason} Fix: {fix}")
+
+
+@runtime_checkable
+class LipschitzModule(Protocol):
+    """What lipdp's own layers implement (foreign modules get the same through a ``BoundRule``)."""
+
+    def lipschitz(self, ctx: "BoundContext") -> float: ...
+
+    def output_bound(self, x_bound: float, ctx: "BoundContext") -> float: ...
+
+    def param_sensitivities(self, x_bound: float, grad_bound: float, ctx: "BoundContext") -> dict[str, float]: ...
+
+
+class BoundRule:
+    """Bound rule for a foreign module type. Default: a parameter-free, 1-Lipschitz, non-expansive map."""
+
+    def check(self, module: nn.Module, path: str) -> None:
+        """Raise ``UnsupportedModuleError`` if this instance's configuration is not supported."""
+
+    def lipschitz(self, module: nn.Module, ctx: "BoundContext") -> float:
+        return 1.0
+
+    def output_bound(self, module: nn.Module, x_bound: float, ctx: "BoundContext") -> float:
+        return self.lipschitz(module, ctx) * x_bound
+
+    def param_sensitivities(
+        self, module: nn.Module, x_bound: float, grad_bound: float, ctx: "BoundContext"
+    ) -> dict[str, float]:
+        return {}
+
+    def children(self, module: nn.Module) -> list[nn.Module]:
+        """Submodules this rule delegates to (validated in turn); none for a leaf layer."""
+        return []
+
+
+_RULES: dict[type, BoundRule] = {}
+
+
+def register_bound_rule(*module_types: type) -> Callable[[type[BoundRule]], type[BoundRule]]:
+    """Class decorator: ``@register_bound_rule(nn.Linear)`` on a ``BoundRule`` subclass."""
+
+    def decorate(rule_class: type[BoundRule]) -> type[BoundRule]:
+        for module_type in module_types:
+            _RULES[module_type] = rule_class()
+        return rule_class
+
+    return decorate
+
+
+def find_rule(module: nn.Module) -> BoundRule | None:
+    """The rule registered for the module's type, or for its nearest registered base class."""
+    for cls in type(module).__mro__:
+        if cls in _RULES:
+            return _RULES[cls]
+    return None
+
+
+class _ProtocolAdapter(BoundRule):
+    """Presents a lipdp layer's own methods as a ``BoundRule``."""
+
+    def check(self, module: nn.Module, path: str) -> None:
+        check = getattr(module, "check_supported", None)
+        if check is not None:
+            check(path)
+
+    def lipschitz(self, module, ctx):
+        return module.lipschitz(ctx)
+
+    def output_bound(self, module, x_bound, ctx):
+        return module.output_bound(x_bound, ctx)
+
+    def param_sensitivities(self, module, x_bound, grad_bound, ctx):
+        return module.param_sensitivities(x_bound, grad_bound, ctx)
+
+    def children(self, module):
+        children = getattr(module, "bound_children", None)
+        return list(children()) if children is not None else []
+
+
+PROTOCOL_ADAPTER = _ProtocolAdapter()
+
+
+# Modules refused on purpose, with the fix a user can act on.
+KNOWN_UNSUPPORTED: dict[tuple[type, ...], tuple[str, str]] = {
+    (nn.modules.batchnorm._BatchNorm,): (
+        "batch normalisation mixes the samples of a batch, so one sample's gradient is not bounded.",
+        "remove it (orthogonal layers keep activations well scaled); normalise each input sample instead.",
+    ),
+    (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm): (
+        "normalisation layers divide by a data-dependent norm and are not Lipschitz.",
+        "remove it; use orthogonal layers (orthogonium) and lipdp.layers.InputNormClip at the input.",
+    ),
+    (
+        nn.Softplus, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Softmax,
+        nn.LogSoftmax, nn.Hardswish, nn.Hardsigmoid, nn.Softsign, nn.PReLU, nn.RReLU, nn.Threshold,
+    ): (
+        "this activation has no bound rule in lipdp (not Lipschitz with a known constant, or it does not map 0 to 0).",
+        "use orthogonium.layers.MaxMin or lipdp.layers.GroupSort (gradient-norm preserving), or nn.ReLU.",
+    ),
+    (nn.Embedding, nn.EmbeddingBag, nn.RNNBase, nn.MultiheadAttention, nn.Transformer): (
+        "lipdp has no sensitivity bound for this layer type.",
+        "use a Lipschitz architecture (orthogonal dense/conv layers, MaxMin, L2 pooling).",
+    ),
+}
+
+
+def refusal_for(module: nn.Module) -> tuple[str, str] | None:
+    for types, reason_fix in KNOWN_UNSUPPORTED.items():
+        if isinstance(module, types):
+            return reason_fix
+    return None

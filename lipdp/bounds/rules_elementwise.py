@@ -1,0 +1,61 @@
+"""Bound rules for parameter-free maps: activations, reshapes, max pooling.
+
+* ReLU, Tanh, Identity, Flatten, Unflatten, orthogonium ``Abs``: 1-Lipschitz and |h(t)| <= |t|, so
+  ||h(a)|| <= ||a||.
+* LeakyReLU(slope): Lip = max(1, |slope|), ||h(a)|| <= Lip ||a||.
+* orthogonium ``MaxMin`` (GroupSort of size 2): per input a permutation, so Lip = 1 and ||h(a)|| = ||a||.
+* Dropout in eval mode is the identity; in train mode it is refused (random rescaling by 1/(1-p)).
+* MaxPool2d: each output is the max of one patch, |max(u) - max(v)| <= ||u - v||, and every input pixel is in
+  at most m patches, so Lip <= sqrt(m) and ||h(a)|| <= sqrt(m) ||a|| (m = 1 when kernel == stride).
+"""
+
+from __future__ import annotations
+
+import math
+
+from orthogonium.layers import Abs, MaxMin
+from torch import nn
+
+from lipdp.bounds.registry import BoundRule, UnsupportedModuleError, register_bound_rule
+from lipdp.bounds.spectral import ConvGeometry
+
+
+@register_bound_rule(nn.ReLU, nn.Tanh, nn.Identity, nn.Flatten, nn.Unflatten, Abs, MaxMin)
+class NonExpansiveRule(BoundRule):
+    """1-Lipschitz maps with ||h(a)|| <= ||a||: the BoundRule defaults."""
+
+
+@register_bound_rule(nn.LeakyReLU)
+class LeakyReLURule(BoundRule):
+    def lipschitz(self, module: nn.LeakyReLU, ctx) -> float:
+        return max(1.0, abs(module.negative_slope))
+
+
+@register_bound_rule(nn.Dropout)
+class DropoutRule(BoundRule):
+    def check(self, module: nn.Dropout, path: str) -> None:
+        if module.training and module.p > 0:
+            raise UnsupportedModuleError(
+                path, module, "dropout in training mode rescales activations at random by 1/(1-p).",
+                "remove the Dropout layer (DP noise already regularises) or set p=0.",
+            )
+
+
+@register_bound_rule(nn.MaxPool2d)
+class MaxPool2dRule(BoundRule):
+    def check(self, module: nn.MaxPool2d, path: str) -> None:
+        if module.return_indices:
+            raise UnsupportedModuleError(path, module, "return_indices=True returns a tuple.", "set return_indices=False.")
+
+    def lipschitz(self, module: nn.MaxPool2d, ctx) -> float:
+        pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+        padding = pair(module.padding)
+        geometry = ConvGeometry(
+            stride=pair(module.stride or module.kernel_size),
+            dilation=pair(module.dilation),
+            padding=(padding[0], padding[0], padding[1], padding[1]),
+            padding_mode="zeros",
+            groups=1,
+            input_hw=tuple(ctx.input_shape_of(module)[-2:]),
+        )
+        return math.sqrt(geometry.patch_count(pair(module.kernel_size)))
