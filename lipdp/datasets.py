@@ -126,7 +126,7 @@ def _search_dirs(root: Path | None, subdir: str, system: Sequence[Path] = ()) ->
     dirs = []
     for base in (root, os.environ.get("LIPDP_DATA")):
         if base:
-            dirs += [Path(base), Path(base) / subdir]
+            dirs += [Path(base).expanduser(), Path(base).expanduser() / subdir]
     return dirs + list(system)
 
 
@@ -397,7 +397,7 @@ def _cifar_arrays(paths: tuple[Path, ...]) -> Arrays:
 
 @_register("cifar10", num_classes=10)
 def _cifar10(root: Path | None, seed: int) -> tuple[Arrays, str]:
-    """CIFAR-10 (Krizhevsky 2009) from the python-pickle layout, 3x32x32 pixels / 255; ``seed`` is unused.
+    """CIFAR-10 (Krizhevsky 2009), python-pickle layout, 3x32x32 pixels / 255 (fixed constant); ``seed`` unused.
 
     Nothing ships it offline: ``root`` (or ``$LIPDP_DATA``) must hold ``cifar-10-batches-py/`` with
     ``data_batch_1..5`` and ``test_batch``, or be that folder.
