@@ -12,7 +12,7 @@ from lipdp.bounds.analysis import (
     parameter_sensitivities,
     validate,
 )
-from lipdp.bounds.context import BoundContext
+from lipdp.bounds.context import BoundContext, record_shapes
 from lipdp.bounds.registry import BoundRule, LipschitzModule, UnsupportedModuleError, register_bound_rule
 from lipdp.bounds.spectral import CertifiedNormCache, ConvGeometry, conv2d_operator_norm, dense_operator_norm
 
@@ -20,5 +20,5 @@ __all__ = [
     "BoundContext", "BoundReport", "BoundRule", "CertifiedNormCache", "ConvGeometry", "LipschitzModule",
     "ModelValidationError", "UnsupportedModuleError", "analyze", "check_model", "conv2d_operator_norm",
     "dense_operator_norm", "lipschitz_constant", "is_reparametrized", "sensitivity_keys", "parameter_sensitivities",
-    "register_bound_rule", "validate",
+    "record_shapes", "register_bound_rule", "validate",
 ]

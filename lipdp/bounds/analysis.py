@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lipdp.bounds.context import BoundContext
 from lipdp.bounds.registry import UnsupportedModuleError
@@ -90,18 +91,25 @@ def analyze(
     loss_lipschitz: float,
     input_shape: tuple[int, ...] | None = None,
     norm_cache: CertifiedNormCache = DEFAULT_CACHE,
+    shapes: dict | None = None,
 ) -> BoundReport:
     """Bounds of every trainable parameter's per-sample gradient, from the current weights.
 
     Raises ``ModelValidationError`` for unsupported modules and ``ValueError`` if a trainable parameter gets
-    no bound (which would otherwise be released without noise).
+    no bound (which would otherwise be released without noise). ``shapes`` (from ``record_shapes``) saves
+    the shape-recording forward pass when the caller analyses the same model often.
     """
+    with parametrize.cached():  # materialise each reparametrised weight once per analysis
+        return _analyze(model, input_norm_bound, loss_lipschitz, input_shape, norm_cache, shapes)
+
+
+def _analyze(model, input_norm_bound, loss_lipschitz, input_shape, norm_cache, shapes) -> BoundReport:
     if not input_norm_bound > 0:
         raise ValueError(f"input_norm_bound must be > 0, got {input_norm_bound}")
     if not loss_lipschitz > 0:
         raise ValueError(f"loss_lipschitz must be > 0, got {loss_lipschitz}")
     check_model(model)
-    ctx = BoundContext(model, input_shape, norm_cache)
+    ctx = BoundContext(model, input_shape, norm_cache, shapes)
     raw = ctx.param_sensitivities(model, float(input_norm_bound), float(loss_lipschitz))
     sizes: dict[str, int] = {}
     for key in dict.fromkeys(sensitivity_keys(model).values()):

@@ -24,7 +24,7 @@ from lipdp.bounds.registry import (
 from lipdp.bounds.spectral import DEFAULT_CACHE, CertifiedNormCache
 
 
-def _record_input_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[nn.Module, tuple]:
+def record_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[nn.Module, tuple]:
     """Per-sample input and output shapes of every submodule, from one forward pass on a zero sample."""
     shapes: dict[nn.Module, tuple] = {}
 
@@ -55,14 +55,17 @@ class BoundContext:
     model: nn.Module
     input_shape: tuple[int, ...] | None = None
     norm_cache: CertifiedNormCache = DEFAULT_CACHE
+    shapes: dict | None = None  # from record_shapes(); recorded here when None and input_shape is given
     _shapes: dict = field(default_factory=dict)
     _paths: dict = field(default_factory=dict)
     _lipschitz: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._paths = {module: path for path, module in self.model.named_modules()}
-        if self.input_shape is not None:
-            self._shapes = _record_input_shapes(self.model, tuple(self.input_shape))
+        if self.shapes is not None:
+            self._shapes = self.shapes
+        elif self.input_shape is not None:
+            self._shapes = record_shapes(self.model, tuple(self.input_shape))
 
     def path(self, module: nn.Module) -> str:
         return self._paths.get(module, "") or "<model>"

@@ -57,7 +57,7 @@ class BoundRule:
         return 1.0
 
     def output_bound(self, module: nn.Module, x_bound: float, ctx: "BoundContext") -> float:
-        return self.lipschitz(module, ctx) * x_bound
+        return ctx.lipschitz(module) * x_bound
 
     def param_sensitivities(
         self, module: nn.Module, x_bound: float, grad_bound: float, ctx: "BoundContext"

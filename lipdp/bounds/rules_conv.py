@@ -44,7 +44,7 @@ class Conv2dRule(BoundRule):
         )
 
     def output_bound(self, module: nn.Conv2d, x_bound: float, ctx) -> float:
-        bound = self.lipschitz(module, ctx) * x_bound
+        bound = ctx.lipschitz(module) * x_bound
         if module.bias is not None:
             positions = math.prod(ctx.output_shape_of(module)[-2:])
             bound += math.sqrt(positions) * module.bias.detach().norm().item()

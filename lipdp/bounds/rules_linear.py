@@ -20,7 +20,7 @@ class LinearRule(BoundRule):
 
     def output_bound(self, module: nn.Linear, x_bound: float, ctx) -> float:
         bias = 0.0 if module.bias is None else module.bias.detach().norm().item()
-        return self.lipschitz(module, ctx) * x_bound + bias
+        return ctx.lipschitz(module) * x_bound + bias
 
     def param_sensitivities(self, module: nn.Linear, x_bound: float, grad_bound: float, ctx) -> dict[str, float]:
         bounds = {"weight": grad_bound * x_bound}
