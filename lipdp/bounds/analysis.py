@@ -92,28 +92,32 @@ def analyze(
     input_shape: tuple[int, ...] | None = None,
     norm_cache: CertifiedNormCache = DEFAULT_CACHE,
     shapes: dict | None = None,
+    weights: dict | None = None,
 ) -> BoundReport:
     """Bounds of every trainable parameter's per-sample gradient, from the current weights.
 
     Raises ``ModelValidationError`` for unsupported modules and ``ValueError`` if a trainable parameter gets
     no bound (which would otherwise be released without noise). ``shapes`` (from ``record_shapes``) saves
-    the shape-recording forward pass when the caller analyses the same model often.
+    the shape-recording forward pass when the caller analyses the same model often; ``weights`` (module ->
+    tensor) supplies already materialised weights of reparametrised layers.
     """
     with parametrize.cached():  # materialise each reparametrised weight once per analysis
-        return _analyze(model, input_norm_bound, loss_lipschitz, input_shape, norm_cache, shapes)
+        return _analyze(model, input_norm_bound, loss_lipschitz, input_shape, norm_cache, shapes, weights)
 
 
-def _analyze(model, input_norm_bound, loss_lipschitz, input_shape, norm_cache, shapes) -> BoundReport:
+def _analyze(model, input_norm_bound, loss_lipschitz, input_shape, norm_cache, shapes, weights) -> BoundReport:
     if not input_norm_bound > 0:
         raise ValueError(f"input_norm_bound must be > 0, got {input_norm_bound}")
     if not loss_lipschitz > 0:
         raise ValueError(f"loss_lipschitz must be > 0, got {loss_lipschitz}")
     check_model(model)
-    ctx = BoundContext(model, input_shape, norm_cache, shapes)
+    ctx = BoundContext(model, input_shape, norm_cache, shapes, weights)
     raw = ctx.param_sensitivities(model, float(input_norm_bound), float(loss_lipschitz))
     sizes: dict[str, int] = {}
     for key in dict.fromkeys(sensitivity_keys(model).values()):
-        sizes[key] = _tensor_by_name(model, key).numel()
+        owner, _, attribute = key.rpartition(".")
+        module = model.get_submodule(owner)
+        sizes[key] = (ctx.weight(module) if attribute == "weight" else getattr(module, attribute)).numel()
     missing = sorted(set(sizes) - set(raw))
     if missing:
         raise ValueError(
@@ -127,11 +131,6 @@ def _analyze(model, input_norm_bound, loss_lipschitz, input_shape, norm_cache, s
         output_bound=ctx.output_bound(model, float(input_norm_bound)),
         sizes=sizes,
     )
-
-
-def _tensor_by_name(model: nn.Module, name: str):
-    owner, _, attribute = name.rpartition(".")
-    return getattr(model.get_submodule(owner) if owner else model, attribute)
 
 
 def parameter_sensitivities(

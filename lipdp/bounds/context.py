@@ -56,6 +56,7 @@ class BoundContext:
     input_shape: tuple[int, ...] | None = None
     norm_cache: CertifiedNormCache = DEFAULT_CACHE
     shapes: dict | None = None  # from record_shapes(); recorded here when None and input_shape is given
+    weights: dict | None = None  # module -> materialised weight to use instead of module.weight
     _shapes: dict = field(default_factory=dict)
     _paths: dict = field(default_factory=dict)
     _lipschitz: dict = field(default_factory=dict)
@@ -82,6 +83,12 @@ class BoundContext:
     def output_shape_of(self, module: nn.Module) -> tuple[int, ...]:
         self.input_shape_of(module)
         return self._shapes[module][1]
+
+    def weight(self, module: nn.Module) -> torch.Tensor:
+        """The module's (materialised) weight: the caller's copy when given, else ``module.weight``."""
+        if self.weights is not None and module in self.weights:
+            return self.weights[module]
+        return module.weight
 
     def rule(self, module: nn.Module) -> BoundRule:
         """The bound rule of ``module``; raises ``UnsupportedModuleError`` naming its path and the fix."""

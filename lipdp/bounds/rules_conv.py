@@ -38,7 +38,7 @@ class Conv2dRule(BoundRule):
         return ctx.norm_cache.bound(
             module,
             geometry,
-            module.weight,
+            ctx.weight(module),
             lambda weight: conv2d_operator_norm(weight, geometry),
             frobenius_factor=math.sqrt(count),
         )

@@ -16,7 +16,7 @@ from lipdp.bounds.spectral import dense_operator_norm
 @register_bound_rule(nn.Linear)
 class LinearRule(BoundRule):
     def lipschitz(self, module: nn.Linear, ctx) -> float:
-        return ctx.norm_cache.bound(module, "dense", module.weight, dense_operator_norm, frobenius_factor=1.0)
+        return ctx.norm_cache.bound(module, "dense", ctx.weight(module), dense_operator_norm, frobenius_factor=1.0)
 
     def output_bound(self, module: nn.Linear, x_bound: float, ctx) -> float:
         bias = 0.0 if module.bias is None else module.bias.detach().norm().item()
