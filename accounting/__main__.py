@@ -1,0 +1,5 @@
+"""``python -m accounting``: the ``lipdp budget`` command."""
+
+from accounting.cli import main
+
+raise SystemExit(main())
