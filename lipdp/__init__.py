@@ -11,8 +11,9 @@ from lipdp.bounds import (
     register_bound_rule,
     validate,
 )
+from lipdp.engine import LipDPEngine, PrivacyBudgetExceeded
 
 __all__ = [
-    "BoundReport", "ModelValidationError", "UnsupportedModuleError", "analyze", "check_model",
-    "lipschitz_constant", "parameter_sensitivities", "register_bound_rule", "validate",
+    "BoundReport", "LipDPEngine", "ModelValidationError", "PrivacyBudgetExceeded", "UnsupportedModuleError",
+    "analyze", "check_model", "lipschitz_constant", "parameter_sensitivities", "register_bound_rule", "validate",
 ]

@@ -1,0 +1,57 @@
+"""Noise allocation across parameter groups, all accounted as ONE Gaussian mechanism (DESIGN.md §1).
+
+If group d has sensitivity Delta_d and gets independent noise of std s_d, the step is a Gaussian mechanism
+with effective noise multiplier sigma_eff = (sum_d (Delta_d / s_d)^2)^(-1/2). Each strategy reaches
+sigma_eff = sigma exactly; they differ in utility only:
+
+* ``global``: s_d = sigma * sqrt(sum_k Delta_k^2) for all d (what clipping DP-SGD does).
+* ``per_layer``: s_d = sigma * sqrt(D) * Delta_d (each of the D groups gets an equal share).
+* ``min_energy``: minimises the total noise energy sum_d n_d s_d^2 (n_d = coordinates of group d) at
+  sigma_eff = sigma. Lagrange: s_d^2 = sigma^2 Delta_d (sum_k Delta_k sqrt(n_k)) / sqrt(n_d); total energy
+  sigma^2 (sum_d Delta_d sqrt(n_d))^2 <= sigma^2 (sum_d n_d)(sum_d Delta_d^2), the global strategy's
+  (Cauchy-Schwarz; equal only when Delta_d is proportional to sqrt(n_d)).
+"""
+
+from __future__ import annotations
+
+import math
+
+NOISE_STRATEGIES = ("global", "per_layer", "min_energy")
+
+
+def noise_stds(
+    sensitivities: dict[str, float], sizes: dict[str, int], noise_multiplier: float, strategy: str
+) -> dict[str, float]:
+    """Std of the Gaussian noise added to the summed gradient of each group."""
+    if strategy not in NOISE_STRATEGIES:
+        raise ValueError(f"noise_strategy must be one of {NOISE_STRATEGIES}, got {strategy!r}")
+    if not noise_multiplier > 0:
+        raise ValueError(f"noise_multiplier must be > 0, got {noise_multiplier}")
+    sigma = float(noise_multiplier)
+    if strategy == "global":
+        total = math.sqrt(sum(delta**2 for delta in sensitivities.values()))
+        return {name: sigma * total for name in sensitivities}
+    if strategy == "per_layer":
+        groups = sum(1 for delta in sensitivities.values() if delta > 0)
+        return {name: sigma * math.sqrt(groups) * delta for name, delta in sensitivities.items()}
+    weighted = sum(delta * math.sqrt(sizes[name]) for name, delta in sensitivities.items())
+    return {
+        name: sigma * math.sqrt(delta * weighted / math.sqrt(sizes[name]))
+        for name, delta in sensitivities.items()
+    }
+
+
+def effective_noise_multiplier(sensitivities: dict[str, float], stds: dict[str, float]) -> float:
+    """sigma_eff = (sum_d (Delta_d / s_d)^2)^(-1/2); groups with Delta_d = 0 release nothing private."""
+    total = 0.0
+    for name, delta in sensitivities.items():
+        if delta > 0:
+            if not stds[name] > 0:
+                return 0.0
+            total += (delta / stds[name]) ** 2
+    return math.inf if total == 0 else 1.0 / math.sqrt(total)
+
+
+def noise_energy(stds: dict[str, float], sizes: dict[str, int]) -> float:
+    """Total expected squared norm of the noise, sum_d n_d s_d^2."""
+    return sum(sizes[name] * std**2 for name, std in stds.items())

@@ -1,0 +1,115 @@
+"""Poisson sampling (DESIGN.md §1): each record joins each batch independently with rate q = B / N.
+
+The batch size varies (and may be 0); the accountant's privacy amplification assumes exactly this sampling.
+The generator belongs to the engine, so the sequence of batches is reproducible from its state and can be
+checkpointed.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+from torch.utils.data._utils.collate import default_collate
+
+
+class PoissonBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Yields ``steps`` batches of indices; index i is in each batch with probability ``sample_rate``."""
+
+    def __init__(self, num_samples: int, sample_rate: float, steps: int, generator: torch.Generator) -> None:
+        if num_samples <= 0:
+            raise ValueError("the dataset is empty: Poisson sampling needs at least one record")
+        if not 0 < sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        self.num_samples = num_samples
+        self.sample_rate = sample_rate
+        self.steps = steps
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
+            yield mask.nonzero().flatten().tolist()
+
+
+def _empty_collate(dataset: Dataset):
+    """Collate that turns an empty batch into zero-length tensors shaped like one record (shapes are public)."""
+    example = default_collate([dataset[0]])
+
+    def collate(batch):
+        if len(batch) == 0:
+            return torch.utils._pytree.tree_map(lambda t: t[:0] if isinstance(t, torch.Tensor) else t, example)
+        return default_collate(batch)
+
+    return collate
+
+
+class _BatchedTensorDataset(Dataset):
+    """A TensorDataset view that fetches a whole batch with one indexing operation (``__getitems__``)."""
+
+    def __init__(self, dataset: TensorDataset) -> None:
+        self.tensors = dataset.tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors[0])
+
+    def __getitem__(self, index):
+        return tuple(tensor[index] for tensor in self.tensors)
+
+    def __getitems__(self, indices: list[int]):
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return [tensor[index] for tensor in self.tensors]
+
+
+def _identity(batch):
+    return batch
+
+
+class PoissonDataLoader(DataLoader):
+    """A ``DataLoader`` over a map-style dataset that draws Poisson batches of expected size ``batch_size``.
+
+    One epoch = round(N / batch_size) batches (so q * steps_per_epoch ~ 1).
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        generator: torch.Generator,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+            raise TypeError(
+                "lipdp needs a map-style dataset (with __len__ and __getitem__) to sample each record "
+                "independently; an IterableDataset cannot be Poisson-sampled. Fix: materialise it into a "
+                "TensorDataset or a map-style Dataset."
+            )
+        num_samples = len(dataset)
+        if num_samples == 0:
+            raise ValueError("the dataset is empty: there is nothing to train on")
+        if not 0 < batch_size <= num_samples:
+            raise ValueError(f"batch_size must be in [1, {num_samples}] (dataset size), got {batch_size}")
+        self.expected_batch_size = int(batch_size)
+        self.sample_rate = batch_size / num_samples
+        steps = max(1, round(num_samples / batch_size))
+        sampler = PoissonBatchSampler(num_samples, self.sample_rate, steps, generator)
+        if isinstance(dataset, TensorDataset):
+            dataset, collate = _BatchedTensorDataset(dataset), _identity
+        else:
+            collate = _empty_collate(dataset)
+        super().__init__(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=collate,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+        )
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.batch_sampler)

@@ -1,0 +1,112 @@
+"""A complete private training run (used by ``lipdp train``, ``make demo`` and the recipes)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from lipdp.engine import LipDPEngine
+from lipdp.losses import LipschitzCrossEntropy
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    epsilon: float = 3.0
+    delta: float = 1e-5
+    epochs: int = 10
+    batch_size: int = 1024
+    learning_rate: float = 1e-2
+    temperature: float = 8.0
+    input_norm_bound: float = 1.0
+    noise_strategy: str = "global"
+    loss_grad_clip: float | None = None
+    accountant: str = "prv"
+    seed: int = 0
+    max_physical_batch_size: int | None = None
+
+
+@dataclass
+class TrainResult:
+    test_accuracy: float
+    epsilon: float
+    delta: float
+    noise_multiplier: float
+    steps: int
+    seconds: float
+    epoch_log: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, dataset: TensorDataset, batch_size: int = 2048) -> float:
+    """Top-1 accuracy of ``model`` on ``dataset`` (eval mode)."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for x, y in DataLoader(dataset, batch_size=batch_size):
+        correct += (model(x).argmax(dim=1) == y).sum().item()
+    model.train(was_training)
+    return correct / len(dataset)
+
+
+def train_private(
+    model: nn.Module, train_set: TensorDataset, test_set: TensorDataset, config: TrainConfig,
+    progress: bool = True,
+) -> tuple[TrainResult, LipDPEngine]:
+    """Train ``model`` with (config.epsilon, config.delta)-DP on ``train_set``; Adam + cosine schedule."""
+    torch.manual_seed(config.seed)
+    engine = LipDPEngine(accountant=config.accountant, seed=config.seed)
+    criterion = LipschitzCrossEntropy(temperature=config.temperature)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    model, optimizer, loader = engine.make_private_with_epsilon(
+        module=model, optimizer=optimizer, data_loader=DataLoader(train_set, batch_size=config.batch_size),
+        criterion=criterion, target_epsilon=config.epsilon, target_delta=config.delta, epochs=config.epochs,
+        input_norm_bound=config.input_norm_bound, noise_strategy=config.noise_strategy,
+        loss_grad_clip=config.loss_grad_clip, max_epsilon=config.epsilon,
+    )
+    total_steps = config.epochs * loader.steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer.original_optimizer, T_max=total_steps)
+    logger.info("noise multiplier %.4f for (%.3g, %.1g)-DP over %d steps", engine.noise_multiplier,
+                config.epsilon, config.delta, total_steps)
+    start = time.perf_counter()
+    epoch_log = []
+    for epoch in range(1, config.epochs + 1):
+        if config.max_physical_batch_size:
+            batches_cm = engine.virtual_batches(config.max_physical_batch_size)
+        else:
+            batches_cm = contextlib.nullcontext(loader)
+        with batches_cm as batches:
+            bar = tqdm(batches, total=loader.steps_per_epoch if not config.max_physical_batch_size else None,
+                       desc=f"epoch {epoch}/{config.epochs}", disable=not progress, leave=False)
+            for x, y in bar:
+                optimizer.zero_grad()
+                loss = criterion(model(x), y)
+                loss.backward()
+                stepping = not optimizer.skip_next_step
+                optimizer.step()
+                if stepping:
+                    scheduler.step()
+                    bar.set_postfix(loss=f"{loss.item():.3f}")
+        entry = {"epoch": epoch, "epsilon": engine.get_epsilon(config.delta),
+                 "test_accuracy": accuracy(model, test_set), "seconds": time.perf_counter() - start}
+        epoch_log.append(entry)
+        logger.info("epoch %d: eps=%.3f test acc=%.4f", epoch, entry["epsilon"], entry["test_accuracy"])
+        if progress:
+            tqdm.write(f"epoch {epoch}: eps = {entry['epsilon']:.3f}, test accuracy = {entry['test_accuracy']:.4f}")
+    result = TrainResult(
+        test_accuracy=epoch_log[-1]["test_accuracy"], epsilon=engine.get_epsilon(config.delta), delta=config.delta,
+        noise_multiplier=engine.noise_multiplier, steps=engine.accountant.total_steps,
+        seconds=time.perf_counter() - start, epoch_log=epoch_log,
+    )
+    return result, engine
