@@ -1,0 +1,391 @@
+"""Private one-class classification with a 1-Lipschitz signed distance function (OCSDF), certified AUROC.
+
+    python -m recipes.one_class --dataset breast_cancer --normal-class 1 --epsilon 8 --seeds 0 1 2
+    python -m recipes.one_class --dataset fashion-mnist --normal-class 0 --epsilon 3 --split test
+
+Trains the detector f (orthogonal MLP on tabular data, orthogonal CNN on images) on the normal class of the
+training split only, privately through ``LipDPEngine`` when ``--epsilon`` is given (the normal training
+samples are the private data; the generated negatives depend on the model alone, see lipdp.one_class), and
+reports on held-out normals vs. every other class: AUROC, certified AUROC at L2 radii (in the model's input
+space, with the raw-unit equivalent where the preprocessing has a global Lipschitz constant), optionally the
+AUROC under an L2 PGD attack of the same radius (never below the certificate), a non-private OCSDF of the same
+recipe and an IsolationForest, both for reference.
+
+Evaluation data (``--split``): ``validation`` holds out ``--validation-fraction`` of the training split (tune
+here); ``test`` trains on the whole training split and evaluates on the test split (report here only).
+
+Preprocessing (``--preprocess``, all per-sample maps with fixed constants, free in privacy, DESIGN.md §2):
+  * ``scale``:  x -> s x, then clipped to norm X (images: pixels / 255 from the loader); raw radius = r / s.
+  * ``sphere``: x -> X x / ||x||; every sample on the sphere of radius X (no global raw-unit radius).
+  * ``lift``:   x -> X [x, c] / ||[x, c]||, one extra coordinate c: every sample on the sphere of radius X
+                in dimension d + 1, and the sample's norm survives as an angle. The map is (X / c)-Lipschitz
+                (v -> v / ||v|| is 1/c-Lipschitz outside the ball of radius c), so radius r in the model's
+                input certifies radius r c / X in the loader's units (log1p units for sklearn tables; since
+                log1p is 1-Lipschitz on [0, inf), also in the raw measurements' units).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.ensemble import IsolationForest
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from lipdp.bounds import lipschitz_constant
+from lipdp.datasets import load_dataset, train_validation_split
+from lipdp.models import orthogonal_cnn, orthogonal_mlp
+from lipdp.one_class import (
+    BallPrior,
+    BoxPrior,
+    NegativeSampler,
+    OneClassHKR,
+    ParameterEMA,
+    attacked_auroc,
+    auroc,
+    certified_auroc,
+    scores,
+    train_ocsdf,
+)
+
+log = logging.getLogger("recipes.one_class")
+
+# Loader units -> raw units of the data set's pixels (the loaders divide by these fixed constants).
+RAW_PIXEL_SCALE = {"fashion-mnist": 255.0, "digits": 16.0, "cifar10": 255.0}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m recipes.one_class",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", default="breast_cancer",
+                      help="a lipdp.datasets name (breast_cancer, wine, digits, fashion-mnist, adult, ...)")
+    data.add_argument("--data-root", default=None, help="folder with the data set's files (else standard places)")
+    data.add_argument("--normal-class", nargs="+", default=["1"],
+                      help="label(s) of the normal class, one run each; 'all' = every class (one-vs-rest). "
+                           "breast_cancer: 1 = benign")
+    data.add_argument("--split", choices=("validation", "test"), default="validation",
+                      help="evaluate on a validation part of the training split (tuning) or on the test split")
+    data.add_argument("--validation-fraction", type=float, default=0.25,
+                      help="share of the training split held out with --split validation")
+    data.add_argument("--data-seed", type=int, default=0, help="seed of the train/test and train/validation splits")
+    data.add_argument("--preprocess", choices=("scale", "sphere", "lift"), default="lift",
+                      help="per-sample input map (module doc)")
+    data.add_argument("--input-norm", type=float, default=30.0,
+                      help="X: radius of the sphere (sphere, lift), or the model's input clipping norm (scale)")
+    data.add_argument("--scale", type=float, default=1.0, help="constant factor s of --preprocess scale")
+    data.add_argument("--lift-constant", type=float, default=10.0, help="c, the extra coordinate of --preprocess lift")
+
+    model = p.add_argument_group("model and loss")
+    model.add_argument("--hidden", type=int, nargs="*", default=[64, 64], help="MLP hidden widths (tabular data)")
+    model.add_argument("--widths", type=int, nargs="+", default=[16, 32, 64], help="CNN stage widths (images)")
+    model.add_argument("--margin", type=float, default=0.2, help="HKR hinge margin m")
+    model.add_argument("--lam", type=float, default=100.0, help="HKR hinge weight lambda (loss Lipschitz = 1 + lambda)")
+
+    neg = p.add_argument_group("negatives (public: they depend on the model alone)")
+    neg.add_argument("--prior", choices=("box", "ball", "sphere"), default="sphere",
+                     help="Q_0: uniform in [--prior-low, --prior-high]^d, in the ball of radius X, or on its sphere")
+    neg.add_argument("--prior-low", type=float, default=0.0, help="box prior lower corner (a public constant)")
+    neg.add_argument("--prior-high", type=float, default=1.0, help="box prior upper corner (a public constant)")
+    neg.add_argument("--no-fold", dest="fold", action="store_false",
+                     help="do not fold ball/sphere negatives into the non-negative orthant (folding assumes, "
+                          "publicly, non-negative features, as log1p of measurements and pixels are)")
+    neg.add_argument("--newton-steps", type=int, default=4, help="T: Newton-style steps toward the level set")
+    neg.add_argument("--newton-step-size", type=float, default=1.0, help="eta of the Newton steps")
+    neg.add_argument("--level", type=float, default=0.0, help="level set the negatives are pushed toward")
+    neg.add_argument("--warm-start-steps", type=int, default=20, help="first optimisation steps with T = 0")
+    neg.add_argument("--negatives-per-step", type=int, default=None, help="default: the expected batch size")
+
+    train = p.add_argument_group("training")
+    train.add_argument("--epochs", type=int, default=50)
+    train.add_argument("--batch-size", type=int, default=64, help="expected (Poisson, if private) batch size")
+    train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    train.add_argument("--ema-decay", type=float, default=None,
+                       help="evaluate an exponential moving average of the weights (free post-processing)")
+    train.add_argument("--seeds", type=int, nargs="+", default=[0], help="one training run per seed")
+    train.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+
+    priv = p.add_argument_group("privacy")
+    priv.add_argument("--epsilon", type=float, default=None, help="target epsilon; omit for non-private training")
+    priv.add_argument("--delta", type=float, default=1e-5, help="target delta")
+    priv.add_argument("--noise-strategy", default="global", choices=("global", "per_layer", "min_energy"),
+                      help="how the engine splits noise over parameter groups (same privacy)")
+    priv.add_argument("--accountant", default="prv", help="accountant backend of LipDPEngine")
+    priv.add_argument("--nonprivate-reference", action="store_true",
+                      help="also train the same recipe without noise (reference)")
+    priv.add_argument("--isolation-forest", action="store_true",
+                      help="also fit scikit-learn's IsolationForest on the same training normals (reference)")
+
+    ev = p.add_argument_group("evaluation")
+    ev.add_argument("--radii", type=float, nargs="*", default=[0.1, 0.25, 0.5, 1.0],
+                    help="L2 radii (model input units) of the certified AUROC")
+    ev.add_argument("--attack-steps", type=int, default=0, help="L2 PGD steps per radius (0: no attack)")
+    ev.add_argument("--attack-samples", type=int, default=500,
+                    help="evaluation samples per class attacked (first ones; the attack is slow)")
+    ev.add_argument("--json", default=None, help="write every number to this JSON file")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.add_argument("--log-level", default="INFO")
+    args = p.parse_args(argv)
+    if any(r < 0 or not math.isfinite(r) for r in args.radii):
+        p.error(f"--radii must be finite and >= 0, got {args.radii}")
+    if args.epsilon is not None and not args.epsilon > 0:
+        p.error("--epsilon must be > 0")
+    if not 0 < args.delta < 1:
+        p.error("--delta must be in (0, 1)")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class Task:
+    """One one-class problem: private training normals, evaluation normals and anomalies (preprocessed)."""
+
+    normal_class: int
+    train: torch.Tensor
+    normal: torch.Tensor
+    anomaly: torch.Tensor
+    input_shape: tuple[int, ...]
+    image: bool
+    raw_radius_factor: float | None  # raw-unit radius per unit of model-input radius (None: no global one)
+
+
+def preprocess(x: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
+    """The per-sample map of ``--preprocess`` (module doc); no statistic across samples is used."""
+    flat = x.flatten(1)
+    if args.preprocess == "scale":  # then clipped to norm X (1-Lipschitz, so radii still transfer)
+        scaled = x * args.scale
+        norms = scaled.flatten(1).norm(dim=1).view(-1, *([1] * (x.dim() - 1)))
+        return scaled * (args.input_norm / norms.clamp_min(1e-12)).clamp(max=1.0)
+    if args.preprocess == "sphere":
+        norms = flat.norm(dim=1, keepdim=True)
+        if (norms == 0).any():
+            raise ValueError("--preprocess sphere needs non-zero samples; use lift (c > 0) instead")
+        return (flat / norms * args.input_norm).view_as(x)
+    if x.dim() != 2:
+        raise ValueError("--preprocess lift is for tabular (N, F) data")
+    lifted = torch.cat([flat, torch.full((len(x), 1), args.lift_constant)], dim=1)
+    return lifted / lifted.norm(dim=1, keepdim=True) * args.input_norm
+
+
+def raw_radius_factor(args: argparse.Namespace) -> float | None:
+    unit = RAW_PIXEL_SCALE.get(args.dataset.replace("_", "-"), 1.0)
+    if args.preprocess == "scale":
+        return unit / args.scale
+    if args.preprocess == "lift":
+        return unit * args.lift_constant / args.input_norm
+    return None
+
+
+def load_tasks(args: argparse.Namespace) -> list[Task]:
+    splits = load_dataset(args.dataset, root=args.data_root, seed=args.data_seed)
+    if args.split == "validation":
+        train, evaluation = train_validation_split(splits.train, args.validation_fraction, args.data_seed)
+    else:
+        train, evaluation = splits.train, splits.test
+    (x_train, y_train), (x_eval, y_eval) = train.tensors, evaluation.tensors
+    classes = list(range(splits.num_classes)) if args.normal_class == ["all"] else [int(c) for c in args.normal_class]
+    image = len(splits.input_shape) == 3
+    tasks = []
+    for c in classes:
+        if not 0 <= c < splits.num_classes:
+            raise ValueError(f"--normal-class {c} is not a class of {args.dataset} (0..{splits.num_classes - 1})")
+        x_tr = preprocess(x_train[y_train == c], args)
+        tasks.append(Task(c, x_tr, preprocess(x_eval[y_eval == c], args), preprocess(x_eval[y_eval != c], args),
+                          tuple(x_tr.shape[1:]), image, raw_radius_factor(args)))
+    log.info("%s (%s split): %s", splits.name, args.split, splits.description)
+    return tasks
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+def input_norm_bound(task: Task, args: argparse.Namespace) -> float:
+    """X_0 for the engine: every sample has norm X exactly (sphere, lift); ``scale`` clips at X in the model."""
+    return args.input_norm
+
+
+def build_model(task: Task, args: argparse.Namespace) -> nn.Module:
+    bound = input_norm_bound(task, args)
+    if task.image:
+        return orthogonal_cnn(task.input_shape, 1, widths=args.widths, input_norm_bound=bound)
+    return orthogonal_mlp(task.input_shape[0], 1, hidden=args.hidden, input_norm_bound=bound)
+
+
+def build_sampler(task: Task, args: argparse.Namespace) -> NegativeSampler:
+    if args.prior == "box":
+        prior = BoxPrior(task.input_shape, args.prior_low, args.prior_high)
+    else:
+        prior = BallPrior(task.input_shape, args.input_norm, surface=args.prior == "sphere", fold=args.fold)
+    return NegativeSampler(prior, steps=args.newton_steps, step_size=args.newton_step_size, level=args.level)
+
+
+# --------------------------------------------------------------------------------------------- training
+
+
+def train_detector(task: Task, args: argparse.Namespace, seed: int, epsilon: float | None) -> tuple[nn.Module, dict]:
+    """Train one OCSDF detector; returns a plain (hook-free) model to evaluate and the privacy record."""
+    torch.manual_seed(seed)
+    model = build_model(task, args)
+    ema = ParameterEMA(model, args.ema_decay) if args.ema_decay is not None else None
+    criterion = OneClassHKR(args.margin, args.lam, reduction="sum")
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    dataset = TensorDataset(task.train, torch.zeros(len(task.train), dtype=torch.long))
+    batch_size = min(args.batch_size, len(dataset))
+    record: dict = {"private": epsilon is not None}
+    if epsilon is None:
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(seed))
+        divisor = 1.0
+    else:
+        from lipdp.engine import LipDPEngine
+
+        engine = LipDPEngine(accountant=args.accountant, seed=seed)
+        model, optimizer, loader = engine.make_private_with_epsilon(
+            module=model, optimizer=optimizer, data_loader=DataLoader(dataset, batch_size=batch_size),
+            criterion=criterion, target_epsilon=epsilon, target_delta=args.delta, epochs=args.epochs,
+            input_norm_bound=input_norm_bound(task, args), input_shape=task.input_shape, loss_reduction="sum",
+            noise_strategy=args.noise_strategy,
+        )
+        divisor = float(loader.expected_batch_size)
+    started = time.perf_counter()
+    train_ocsdf(
+        model, loader, optimizer, criterion, build_sampler(task, args), args.epochs, expected_batch_size=batch_size,
+        negatives_per_step=args.negatives_per_step, warm_start_steps=args.warm_start_steps,
+        gradient_divisor=divisor, ema=ema, generator=torch.Generator().manual_seed(seed), progress=not args.quiet,
+    )
+    record["train_seconds"] = time.perf_counter() - started
+    if epsilon is not None:
+        record.update(epsilon=engine.get_epsilon(args.delta), delta=args.delta,
+                      noise_multiplier=engine.noise_multiplier, sample_rate=loader.sample_rate,
+                      steps=engine.accountant.total_steps)
+    if ema is not None:
+        return ema.model, record
+    plain = build_model(task, args)  # the engine's hooks stay on `model`: evaluate a clean copy
+    plain.load_state_dict(model.state_dict())
+    return plain, record
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate(model: nn.Module, task: Task, args: argparse.Namespace, seed: int) -> dict:
+    model.eval()
+    lip = lipschitz_constant(model, task.input_shape)
+    normal, anomaly = scores(model, task.normal), scores(model, task.anomaly)
+    out = {"auroc": auroc(normal, anomaly), "lipschitz": lip, "certified": {}, "attacked": {}}
+    for r in args.radii:
+        out["certified"][str(r)] = certified_auroc(normal, anomaly, r, lipschitz=lip)
+    if args.attack_steps > 0:
+        n = args.attack_samples
+        xn, xa = task.normal[:n], task.anomaly[:n]
+        subset = {"certified": {}, "attacked": {}}
+        for r in args.radii:
+            gen = torch.Generator().manual_seed(seed)
+            subset["attacked"][str(r)] = attacked_auroc(model, xn, xa, r, steps=args.attack_steps, generator=gen)
+            subset["certified"][str(r)] = certified_auroc(scores(model, xn), scores(model, xa), r, lipschitz=lip)
+        out["attack_subset"] = subset
+    return out
+
+
+def isolation_forest(task: Task, seed: int) -> float:
+    forest = IsolationForest(random_state=seed).fit(task.train.flatten(1).numpy())
+    normal = torch.from_numpy(forest.score_samples(task.normal.flatten(1).numpy()))
+    anomaly = torch.from_numpy(forest.score_samples(task.anomaly.flatten(1).numpy()))
+    return auroc(normal, anomaly)
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def summarise(results: list[dict], args: argparse.Namespace) -> str:
+    """Text table: one row per method and normal class, mean ± std over seeds."""
+    lines = []
+    radii = [str(r) for r in args.radii]
+    factor = results[0]["raw_radius_factor"] if results else None
+    head = "  ".join(f"cert r={r}" + (f" ({float(r) * factor:.3g} raw)" if factor else "") for r in radii)
+    lines.append(f"{'class':>5}  {'method':<22}  {'AUROC':>15}  {head}")
+    methods = ["isolation_forest", "nonprivate", "private"]
+    for c in sorted({r["normal_class"] for r in results}):
+        rows = [r for r in results if r["normal_class"] == c]
+        for method in methods:
+            runs = [r[method] for r in rows if method in r]
+            if not runs:
+                continue
+            if method == "isolation_forest":
+                lines.append(f"{c:>5}  {'IsolationForest':<22}  {_mean_std(runs):>15}")
+                continue
+            name = "OCSDF non-private" if method == "nonprivate" else \
+                f"OCSDF eps={runs[0]['epsilon']:.3g} delta={runs[0]['delta']:.0e}"
+            cert = "  ".join(f"{_mean_std([run['certified'][r] for run in runs]):>15}" for r in radii)
+            lines.append(f"{c:>5}  {name:<22}  {_mean_std([run['auroc'] for run in runs]):>15}  {cert}")
+    if len({r["normal_class"] for r in results}) > 1:
+        for method in methods[1:]:
+            per_class = {}
+            for r in results:
+                if method in r:
+                    per_class.setdefault(r["normal_class"], []).append(r[method]["auroc"])
+            if per_class:
+                means = [statistics.mean(v) for v in per_class.values()]
+                lines.append(f"mean over {len(means)} classes, {method}: AUROC {statistics.mean(means):.3f}")
+    attacks = [(r["normal_class"], m, r[m]["attack_subset"]) for r in results for m in ("nonprivate", "private")
+               if m in r and "attack_subset" in r[m]]
+    if attacks:
+        lines.append("L2 PGD attack vs certificate (attacked subset): radius: attacked AUROC >= certified AUROC")
+        for c, m, sub in attacks:
+            pairs = ", ".join(f"r={r}: {sub['attacked'][r]:.3f} >= {sub['certified'][r]:.3f}" for r in radii)
+            lines.append(f"  class {c} {m}: {pairs}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    tasks = load_tasks(args)
+    results = []
+    runs = [(task, seed) for task in tasks for seed in args.seeds]
+    for task, seed in tqdm(runs, desc="runs", disable=args.quiet or len(runs) == 1):
+        result: dict = {"normal_class": task.normal_class, "seed": seed, "raw_radius_factor": task.raw_radius_factor,
+                        "n_train": len(task.train), "n_normal": len(task.normal), "n_anomaly": len(task.anomaly)}
+        if args.isolation_forest:
+            result["isolation_forest"] = isolation_forest(task, seed)
+        settings = ([None] if args.epsilon is None or args.nonprivate_reference else []) + \
+            ([args.epsilon] if args.epsilon is not None else [])
+        for epsilon in settings:
+            model, record = train_detector(task, args, seed, epsilon)
+            record.update(evaluate(model, task, args, seed))
+            result["private" if epsilon is not None else "nonprivate"] = record
+            log.info("class %d seed %d %s: AUROC %.4f", task.normal_class, seed,
+                     f"eps={record['epsilon']:.3g}" if epsilon is not None else "non-private", record["auroc"])
+        results.append(result)
+    print(summarise(results, args))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"argv": sys.argv[1:] if argv is None else argv, "args": vars(args), "results": results}, f,
+                      indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
