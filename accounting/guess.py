@@ -42,9 +42,10 @@ def rdp_sigma(target_epsilon: float, delta: float, sample_rate: float, steps: in
         return math.log(epsilon / target_epsilon) if epsilon > 0 else -math.inf
 
     low, high = (math.log(s) for s in sigma_range)
-    f_low, f_high = excess(low), excess(high)
+    f_high = excess(high)
     if f_high > 0:
         return sigma_range[1]
+    f_low = excess(low)
     if f_low <= 0:
         return sigma_range[0]
     _, feasible = shrink_bracket(excess, low, high, f_low, f_high, tol=0.01)
