@@ -40,6 +40,7 @@ class MaterializedWeights:
         }
         self._graphs: dict[nn.Module, torch.Tensor] = {}
         self._leaves: dict[nn.Module, torch.Tensor] = {}
+        self._versions: dict[nn.Module, tuple[int, ...]] = {}
         for module in self.modules.values():
             module.forward = _materialized_forward(module, self)
 
@@ -49,16 +50,24 @@ class MaterializedWeights:
             if "forward" in module.__dict__:
                 del module.forward
 
+    @staticmethod
+    def _raw_versions(module: nn.Module) -> tuple[int, ...]:
+        return tuple(p._version for p in module.parameters())
+
     def leaf(self, module: nn.Module) -> torch.Tensor:
-        """The weight this step's forwards use; materialised (with its graph when grad is on) once per step."""
+        """The weight this step's forwards use; materialised (with its graph when grad is on) once per step,
+        and again whenever a raw tensor changed in place (optimizer step, checkpoint load, weight copy)."""
         leaf = self._leaves.get(module)
+        stale = self._versions.get(module) != self._raw_versions(module)
         needs_graph = torch.is_grad_enabled() and module not in self._graphs
-        if leaf is None or needs_graph:
+        if leaf is None or stale or needs_graph:
+            self._graphs.pop(module, None)
             weight = module.weight
             if weight.requires_grad:
                 self._graphs[module] = weight
             leaf = weight.detach().requires_grad_(torch.is_grad_enabled())
             self._leaves[module] = leaf
+            self._versions[module] = self._raw_versions(module)
         return leaf
 
     def gradients(self) -> dict[str, torch.Tensor | None]:
@@ -90,3 +99,4 @@ class MaterializedWeights:
         """Weights changed (optimizer step or checkpoint load): re-materialise at the next forward."""
         self._graphs.clear()
         self._leaves.clear()
+        self._versions.clear()

@@ -32,6 +32,7 @@ class TrainConfig:
     accountant: str = "prv"
     seed: int = 0
     max_physical_batch_size: int | None = None
+    weight_averaging: float | None = None  # EMA decay of the released iterates (post-processing), e.g. 0.99
 
 
 @dataclass
@@ -46,6 +47,38 @@ class TrainResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class WeightAverage:
+    """Exponential moving average of the parameters after each private step (post-processing: free).
+
+    ``with average.applied():`` swaps the averaged weights into the model (e.g. to evaluate), then restores.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        if not 0 < decay < 1:
+            raise ValueError(f"weight averaging decay must be in (0, 1), got {decay}")
+        self.model, self.decay = model, decay
+        self.average = {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for name, parameter in self.model.named_parameters():
+            self.average[name].lerp_(parameter.detach(), 1 - self.decay)
+
+    @contextlib.contextmanager
+    def applied(self):
+        current = {name: p.detach().clone() for name, p in self.model.named_parameters()}
+        self.copy_into_model(self.average)
+        try:
+            yield self.model
+        finally:
+            self.copy_into_model(current)
+
+    @torch.no_grad()
+    def copy_into_model(self, values: dict) -> None:
+        for name, parameter in self.model.named_parameters():
+            parameter.copy_(values[name])
 
 
 @torch.no_grad()
@@ -75,6 +108,7 @@ def train_private(
         input_norm_bound=config.input_norm_bound, noise_strategy=config.noise_strategy,
         loss_grad_clip=config.loss_grad_clip, max_epsilon=config.epsilon,
     )
+    averaged = WeightAverage(model, config.weight_averaging) if config.weight_averaging else None
     total_steps = config.epochs * loader.steps_per_epoch
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer.original_optimizer, T_max=total_steps)
     logger.info("noise multiplier %.4f for (%.3g, %.1g)-DP over %d steps", engine.noise_multiplier,
@@ -97,13 +131,19 @@ def train_private(
                 optimizer.step()
                 if stepping:
                     scheduler.step()
+                    if averaged is not None:
+                        averaged.update()
                     bar.set_postfix(loss=f"{loss.item():.3f}")
-        entry = {"epoch": epoch, "epsilon": engine.get_epsilon(config.delta),
-                 "test_accuracy": accuracy(model, test_set), "seconds": time.perf_counter() - start}
+        with averaged.applied() if averaged else contextlib.nullcontext(model) as evaluated:
+            test_accuracy = accuracy(evaluated, test_set)
+        entry = {"epoch": epoch, "epsilon": engine.get_epsilon(config.delta), "test_accuracy": test_accuracy,
+                 "seconds": time.perf_counter() - start}
         epoch_log.append(entry)
         logger.info("epoch %d: eps=%.3f test acc=%.4f", epoch, entry["epsilon"], entry["test_accuracy"])
         if progress:
             tqdm.write(f"epoch {epoch}: eps = {entry['epsilon']:.3f}, test accuracy = {entry['test_accuracy']:.4f}")
+    if averaged is not None:  # the released model is the average (post-processing of released iterates)
+        averaged.copy_into_model(averaged.average)
     result = TrainResult(
         test_accuracy=epoch_log[-1]["test_accuracy"], epsilon=engine.get_epsilon(config.delta), delta=config.delta,
         noise_multiplier=engine.noise_multiplier, steps=engine.accountant.total_steps,
