@@ -144,17 +144,26 @@ class PrivacyAccountant:
         spent = self.epsilon(delta)
         if spent > epsilon or limit == 0:
             return 0
-        base = self.total_steps
-
-        def extended(k: int) -> list[HistoryEntry]:
-            history = list(self._history)
-            append(history, HistoryEntry(*mechanism, k))
-            return history
-
         start = guess.rdp_steps(Composition.of(self._history), mechanism, epsilon, delta, limit)
-        low, f_low, high = 0, spent - epsilon, min(limit, max(1, 2 * start))
+        steps = self._search_additional_steps(mechanism, epsilon, delta, limit, start, spent - epsilon)
+        while steps > 0 and _epsilon(self._backend, self._extended(mechanism, steps), delta).upper > epsilon:
+            steps -= 1
+        return steps
+
+    def _extended(self, mechanism: Mechanism, steps: int) -> tuple[HistoryEntry, ...]:
+        """This history followed by ``steps`` steps of ``mechanism``."""
+        history = list(self._history)
+        append(history, HistoryEntry(*mechanism, steps))
+        return tuple(history)
+
+    def _search_additional_steps(self, mechanism: Mechanism, epsilon: float, delta: float, limit: int,
+                                 start: int, f_zero: float) -> int:
+        """Largest feasible k found on one backend set-up for an infeasible upper bracket (doubled from
+        ``2·start`` until infeasible or ``limit``). ``f_zero``: the excess ε of the history alone (<= 0)."""
+        base = self.total_steps
+        low, f_low, high = 0, f_zero, min(limit, max(1, 2 * start))
         while True:
-            history = extended(high)
+            history = self._extended(mechanism, high)
             composition = Composition.of(history)
             evaluator = self._backend.evaluator(composition, delta)
 
@@ -164,22 +173,17 @@ class PrivacyAccountant:
             f_high = excess(high)
             if f_high > 0:
                 break
-            low, f_low = high, f_high
             if high == limit:
-                break
-            high = min(limit, 2 * high)
-        if f_high > 0:
-            if low < start < high:
-                f_start = excess(start)
-                if f_start > 0:
-                    high, f_high = start, f_start
-                else:
-                    low, f_low = start, f_start
-            _, found = shrink_bracket(excess, high, low, f_high, f_low, tol=1, integer=True)
-            low = int(found)
-        while low > 0 and _epsilon(self._backend, tuple(extended(low)), delta).upper > epsilon:
-            low -= 1
-        return low
+                return limit
+            low, f_low, high = high, f_high, min(limit, 2 * high)
+        if low < start < high:  # the RDP guess usually narrows the bracket from below
+            f_start = excess(start)
+            if f_start > 0:
+                high, f_high = start, f_start
+            else:
+                low, f_low = start, f_start
+        _, found = shrink_bracket(excess, high, low, f_high, f_low, tol=1, integer=True)
+        return int(found)
 
     # -- persistence -----------------------------------------------------------------------------
 

@@ -367,6 +367,20 @@ def test_cli_bad_input_prints_one_line_and_fails():
     assert result.stderr.strip().count("\n") == 0 and "--noise-multiplier" in result.stderr
 
 
+def test_missing_pld_extra_is_skipped_cleanly(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "dp_accounting", None)  # as if the optional extra were not installed
+    assert "pld" not in accounting.available_backends()
+    with pytest.raises(accounting.BackendUnavailable, match=r"lipdp\[pld\]"):
+        PrivacyAccountant("pld")
+    code, out, _ = budget("--noise-multiplier", "2", "--sample-rate", "0.01", "--steps", "100", "--json",
+                          capsys=capsys)
+    data = json.loads(out)
+    assert code == 0 and set(data["epsilon"]) == {"prv", "rdp"} and "pld" in data["skipped"]
+    code, _, err = budget("--noise-multiplier", "2", "--sample-rate", "0.01", "--steps", "100", "--backend", "pld",
+                          capsys=capsys)
+    assert code == 2 and "lipdp[pld]" in err and err.count("\n") == 1
+
+
 def test_run_budget_table_and_calibration(capsys):
     code, out, _ = budget("--noise-multiplier", "1.1", "--batch-size", "256", "--dataset-size", "60000",
                           "--epochs", "15", "--backend", "rdp", capsys=capsys)
