@@ -14,6 +14,8 @@ batches from the engine's own generator (DESIGN.md §3).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -24,8 +26,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from accounting import BudgetReport, PrivacyAccountant, calibrate_noise
+from lipdp import distributed
 from lipdp.bounds import check_model, lipschitz_constant, record_shapes
 from lipdp.hooks import InputGuard, OutputGradientHook
+from lipdp.journal import StepJournal
 from lipdp.losses import loss_lipschitz
 from lipdp.mechanism import GradientMechanism, MechanismConfig, PrivacyBudgetExceeded
 from lipdp.noise import NOISE_STRATEGIES
@@ -34,6 +38,8 @@ from lipdp.reparametrization import MaterializedWeights
 from lipdp.sampling import PoissonDataLoader
 
 __all__ = ["LipDPEngine", "PrivacyBudgetExceeded"]
+
+logger = logging.getLogger(__name__)
 
 
 def _seed_from_os() -> int:
@@ -78,7 +84,11 @@ class LipDPEngine:
         max_epsilon: float | None = None,
         target_delta: float | None = None,
     ) -> tuple[nn.Module, DPOptimizer, PoissonDataLoader]:
-        """Attach the private mechanism. Every argument is checked here, before any training step."""
+        """Attach the private mechanism. Every argument is checked here, before any training step.
+
+        Multi-process (``lipdp.distributed``): call it on every rank with the same model, the full dataset and
+        the *global* expected batch size; ``module`` may be plain or wrapped in DistributedDataParallel.
+        """
         if self.model is not None:
             raise RuntimeError("this engine is already attached to a model; create one engine per training run")
         if not isinstance(module, nn.Module):
@@ -108,13 +118,22 @@ class LipDPEngine:
                 lipschitz = float(loss_grad_clip)  # the clip alone bounds any loss's logit gradient
         else:
             lipschitz = loss_lipschitz(criterion)
+        wrapper, (module, ddp) = module, distributed.unwrap(module)
         check_model(module)
         batch_size = data_loader.batch_size
         if batch_size is None:
             raise ValueError("data_loader needs a batch_size (the expected Poisson batch size)")
+        if distributed.is_distributed():  # one mechanism over all ranks: shared generators, equal replicas
+            self.seed = distributed.broadcast_seed(self.seed)
+            self.sampling_generator.manual_seed(self.seed)
+            self.noise_generator.manual_seed(self.seed + 1)
+            distributed.broadcast_module(module)
+            if ddp is not None:
+                distributed.disable_gradient_sync(ddp)
         poisson_loader = PoissonDataLoader(
             data_loader.dataset, batch_size, self.sampling_generator,
             num_workers=data_loader.num_workers, pin_memory=data_loader.pin_memory,
+            rank=distributed.rank(), world_size=distributed.world_size(),
         )
         if input_shape is None:
             input_shape = tuple(poisson_loader.dataset[0][0].shape)
@@ -139,8 +158,9 @@ class LipDPEngine:
             max_epsilon=max_epsilon,
             target_delta=target_delta,
         )
-        self.mechanism = GradientMechanism(module, config, self.accountant, self.noise_generator, shapes,
-                                           materialized)
+        self.mechanism = GradientMechanism(
+            module, config, self.accountant, self.noise_generator, shapes, materialized,
+            reduce_gradients=distributed.gradient_reducer(ddp) if distributed.is_distributed() else None)
         self.mechanism.analysis()  # fail now, not at the first step, if anything cannot be bounded
         self._hooks = [
             InputGuard(module, input_shape, float(input_norm_bound)).handle,
@@ -148,7 +168,7 @@ class LipDPEngine:
         ]
         self.model, self.data_loader = module, poisson_loader
         self.optimizer = DPOptimizer(optimizer, self.mechanism)
-        return module, self.optimizer, poisson_loader
+        return wrapper, self.optimizer, poisson_loader
 
     def make_private_with_epsilon(
         self, *, target_epsilon: float, target_delta: float, epochs: int, **kwargs
@@ -254,9 +274,14 @@ class LipDPEngine:
         }
 
     def save_checkpoint(self, path: str | os.PathLike, **extra) -> Path:
-        """Write model, optimizer, accountant history and generator states atomically (temp file + rename);
-        ``extra`` (e.g. epoch=3) is stored alongside and returned by ``load_checkpoint``."""
+        """Write model, optimizer, accountant history and generator states atomically (temp file, fsync,
+        rename, fsync of the folder): the file at ``path`` is always a whole checkpoint, old or new.
+        ``extra`` (e.g. epoch=3) is stored alongside and returned by ``load_checkpoint``. Multi-process:
+        call it on every rank; rank 0 writes, the others wait for it."""
         path = Path(path)
+        if not distributed.is_main_process():
+            distributed.barrier()
+            return path
         path.parent.mkdir(parents=True, exist_ok=True)
         state = self.state_dict()
         state["extra"] = extra
@@ -267,10 +292,16 @@ class LipDPEngine:
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(temporary, path)
+            folder = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(folder)  # make the rename itself durable
+            finally:
+                os.close(folder)
         except BaseException:
             if os.path.exists(temporary):
                 os.unlink(temporary)
             raise
+        distributed.barrier()
         return path
 
     def load_checkpoint(self, path: str | os.PathLike) -> dict:
@@ -291,4 +322,58 @@ class LipDPEngine:
         self.noise_generator.set_state(state["noise_generator"])
         self.seed = state["seed"]
         mechanism.materialized.invalidate()
+        if mechanism.journal is not None:
+            self._count_journaled_steps()
         return state.get("extra", {})
+
+    # ----------------------------------------------------------------------------------------------
+    def attach_journal(self, path: str | os.PathLike, fsync: bool = True) -> int:
+        """Record every future step in the write-ahead journal at ``path`` (``lipdp.journal``), and count the
+        steps it holds beyond this engine's accountant. Returns the number of steps so counted.
+
+        Crash-safe resume (steps after the last checkpoint are *counted*, never replayed):
+
+            engine.make_private(...)
+            if ckpt.exists():
+                engine.load_checkpoint(ckpt)
+            engine.attach_journal(lipdp.journal.journal_path(ckpt))  # counts steps lost after ckpt, re-seeds
+
+        (Attached first, the journal is re-read by ``load_checkpoint``, with the same result.)
+
+        Multi-process: call it on every rank with the same (shared) path; only rank 0 writes.
+        """
+        mechanism = self._require_attached()
+        if mechanism.journal is not None:
+            raise RuntimeError("a journal is already attached to this engine")
+        mechanism.journal = StepJournal(path, fsync=fsync, writable=distributed.is_main_process())
+        return self._count_journaled_steps()
+
+    def _count_journaled_steps(self) -> int:
+        """Add the journaled steps the accountant has not counted; if any, draw fresh randomness."""
+        journal = self._require_attached().journal
+        counted = self.accountant.total_steps
+        if journal.entries and journal.last_step < counted:
+            raise ValueError(
+                f"journal {journal.path} ends at step {journal.last_step} but the accountant has {counted} steps: "
+                "it is not this run's journal. Fix: attach the journal written next to this checkpoint."
+            )
+        missing = journal.entries_after(counted)
+        for entry in missing:
+            self.accountant.step(noise_multiplier=entry.noise_multiplier, sample_rate=entry.sample_rate)
+        if missing:
+            logger.warning("counted %d step(s) taken after the checkpoint (journal %s); now %d steps in total",
+                           len(missing), journal.path, self.accountant.total_steps)
+            self._fresh_randomness()
+        return len(missing)
+
+    def _fresh_randomness(self) -> None:
+        """Re-seed sampling and noise so no batch or noise draw of a lost (already counted) step is re-used:
+        from ``os.urandom`` in secure mode, else derived from (seed, steps counted) to stay reproducible."""
+        if self.secure_mode:
+            seed = _seed_from_os()
+        else:
+            digest = hashlib.sha256(f"{self.seed}:{self.accountant.total_steps}".encode()).digest()
+            seed = int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+        self.seed = distributed.broadcast_seed(seed)
+        self.sampling_generator.manual_seed(self.seed)
+        self.noise_generator.manual_seed(self.seed + 1)

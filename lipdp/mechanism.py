@@ -4,17 +4,21 @@ release(): g_d = (sum_i grad_d(x_i) + N(0, s_d^2 I)) / B for every parameter gro
 bound analysis of the current (public) weights, s_d from the noise strategy, B the *expected* batch size.
 Nothing is modified before every check has passed (finite gradients, privacy budget), so a refused step
 releases nothing. One accountant step per release, with sigma_eff computed from the actual stds.
+Multi-process: ``reduce_gradients`` sums each gradient over the ranks first (``distributed.py``). With a
+``journal``, the step is recorded on disk before any noise is drawn (write-ahead, ``journal.py``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from lipdp.bounds import CertifiedNormCache, analyze, sensitivity_keys
+from lipdp.journal import StepJournal
 from lipdp.noise import effective_noise_multiplier, noise_stds
 from lipdp.reparametrization import MaterializedWeights
 
@@ -40,13 +44,16 @@ class GradientMechanism:
     """Noises the model's summed gradients in place and records the step with the accountant."""
 
     def __init__(self, model: nn.Module, config: MechanismConfig, accountant, generator: torch.Generator,
-                 shapes: dict, materialized: MaterializedWeights) -> None:
+                 shapes: dict, materialized: MaterializedWeights,
+                 reduce_gradients: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]] | None = None) -> None:
         self.model = model
         self.config = config
         self.accountant = accountant
         self.generator = generator
         self.shapes = shapes
         self.materialized = materialized
+        self.reduce_gradients = reduce_gradients
+        self.journal: StepJournal | None = None
         self.norm_cache = CertifiedNormCache()
         self.last_sensitivities: dict[str, float] = {}
         self.last_stds: dict[str, float] = {}
@@ -89,6 +96,8 @@ class GradientMechanism:
         for key, module in self.materialized.modules.items():
             grad = leaf_grads[key]
             grads[key] = grad if grad is not None else torch.zeros_like(self.materialized.leaf(module))
+        if self.reduce_gradients is not None:
+            grads = dict(zip(grads, self.reduce_gradients(list(grads.values()))))
         for name, grad in grads.items():
             if not torch.isfinite(grad).all():
                 raise FloatingPointError(
@@ -102,6 +111,8 @@ class GradientMechanism:
         if not math.isclose(sigma_eff, config.noise_multiplier, rel_tol=1e-9) and sigma_eff != math.inf:
             raise AssertionError(f"noise strategy gave sigma_eff={sigma_eff}, expected {config.noise_multiplier}")
         self._check_budget()
+        if self.journal is not None:
+            self.journal.append(self.accountant.total_steps + 1, config.noise_multiplier, config.sample_rate)
         noisy: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for name, grad in grads.items():

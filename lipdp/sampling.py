@@ -15,9 +15,15 @@ from torch.utils.data._utils.collate import default_collate
 
 
 class PoissonBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """Yields ``steps`` batches of indices; index i is in each batch with probability ``sample_rate``."""
+    """Yields ``steps`` batches of indices; index i is in each batch with probability ``sample_rate``.
 
-    def __init__(self, num_samples: int, sample_rate: float, steps: int, generator: torch.Generator) -> None:
+    With ``world_size`` K > 1 (see ``lipdp.distributed``), every rank draws the same global mask from an
+    identical generator and keeps its shard {i : i = rank (mod K)}: together the ranks sample each record at
+    rate q exactly once, the single-process sample.
+    """
+
+    def __init__(self, num_samples: int, sample_rate: float, steps: int, generator: torch.Generator,
+                 rank: int = 0, world_size: int = 1) -> None:
         if num_samples <= 0:
             raise ValueError("the dataset is empty: Poisson sampling needs at least one record")
         if not 0 < sample_rate <= 1:
@@ -26,6 +32,9 @@ class PoissonBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.sample_rate = sample_rate
         self.steps = steps
         self.generator = generator
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
         return self.steps
@@ -33,7 +42,10 @@ class PoissonBatchSampler(torch.utils.data.Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         for _ in range(self.steps):
             mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
-            yield mask.nonzero().flatten().tolist()
+            indices = mask.nonzero().flatten()
+            if self.world_size > 1:
+                indices = indices[indices % self.world_size == self.rank]
+            yield indices.tolist()
 
 
 def _empty_collate(dataset: Dataset):
@@ -72,7 +84,8 @@ def _identity(batch):
 class PoissonDataLoader(DataLoader):
     """A ``DataLoader`` over a map-style dataset that draws Poisson batches of expected size ``batch_size``.
 
-    One epoch = round(N / batch_size) batches (so q * steps_per_epoch ~ 1).
+    One epoch = round(N / batch_size) batches (so q * steps_per_epoch ~ 1). In a multi-process run
+    ``batch_size`` is the *global* expected batch size and this rank yields its shard of each batch.
     """
 
     def __init__(
@@ -82,6 +95,8 @@ class PoissonDataLoader(DataLoader):
         generator: torch.Generator,
         num_workers: int = 0,
         pin_memory: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
             raise TypeError(
@@ -97,7 +112,7 @@ class PoissonDataLoader(DataLoader):
         self.expected_batch_size = int(batch_size)
         self.sample_rate = batch_size / num_samples
         steps = max(1, round(num_samples / batch_size))
-        sampler = PoissonBatchSampler(num_samples, self.sample_rate, steps, generator)
+        sampler = PoissonBatchSampler(num_samples, self.sample_rate, steps, generator, rank, world_size)
         if isinstance(dataset, TensorDataset):
             dataset, collate = _BatchedTensorDataset(dataset), _identity
         else:

@@ -1,0 +1,143 @@
+"""Multi-process training (lipdp.distributed): K ranks are one mechanism, equal to the single-process run."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from lipdp.sampling import PoissonBatchSampler
+
+ROOT = Path(__file__).resolve().parents[1]
+
+WORKER = textwrap.dedent("""
+    import json, torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+    from lipdp import LipDPEngine, distributed
+    from lipdp.layers import InputNormClip
+    from lipdp.losses import LipschitzCrossEntropy
+    from lipdp.models import orthogonal_mlp
+
+    distributed.init_from_env()
+
+    def private(model, dataset, batch_size, seed, wrap):
+        if wrap:
+            model = nn.parallel.DistributedDataParallel(model)
+        engine = LipDPEngine(accountant="prv", seed=seed)
+        criterion = LipschitzCrossEntropy()
+        model, optimizer, loader = engine.make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+            data_loader=DataLoader(dataset, batch_size=batch_size), criterion=criterion,
+            noise_multiplier=1.0, input_norm_bound=1.0)
+        return engine, model, optimizer, loader, criterion
+
+    def run(wrap):
+        # 1. Training: an orthogonium MLP (materialised weights) for one epoch of Poisson batches.
+        torch.manual_seed(0)
+        x = torch.randn(96, 8); x = x / x.norm(dim=1, keepdim=True); y = torch.randint(0, 3, (96,))
+        engine, model, optimizer, loader, criterion = private(orthogonal_mlp(8, 3, hidden=(16,)),
+                                                              TensorDataset(x, y), 16, 7, wrap)
+        local_sizes = []
+        for xb, yb in loader:
+            local_sizes.append(len(xb))
+            optimizer.zero_grad(); criterion(model(xb), yb).backward(); optimizer.step()
+        params = torch.cat([p.detach().flatten() for p in model.parameters()])
+        # 2. Noise of the released (summed) gradient: zero gradients, so the release is the noise alone.
+        torch.manual_seed(1)
+        wide = nn.Sequential(InputNormClip(1.0), nn.Linear(64, 256))
+        data = TensorDataset(torch.zeros(64, 64), torch.zeros(64).long())
+        noise_engine, wide, wide_optimizer, *_ = private(wide, data, 32, 11, wrap)
+        wide_optimizer.zero_grad()
+        (wide(torch.zeros(2, 64)).sum() * 0).backward()
+        wide_optimizer.step()
+        weight = dict(distributed.unwrap(wide)[0].named_parameters())["1.weight"]
+        released = weight.grad * 32  # un-normalise by the expected batch size
+        return {"params": params.tolist(), "epsilon": engine.get_epsilon(1e-5),
+                "steps": engine.accountant.total_steps, "local_sizes": local_sizes,
+                "claimed_std": noise_engine.noise_stds()["1.weight"], "measured_std": released.std().item(),
+                "noise_head": released.flatten()[:5].tolist()}
+
+    variants = {"plain": run(False)}
+    if distributed.is_distributed():
+        variants["ddp"] = run(True)
+    print(json.dumps({"rank": distributed.rank(), **variants}))
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_ranks(world: int, timeout: float = 180) -> list[dict]:
+    """Run WORKER as ``world`` processes of one gloo group (the environment torchrun would set)."""
+    port = _free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                   PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        procs.append(subprocess.Popen([sys.executable, "-c", WORKER], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        results = [proc.communicate(timeout=timeout) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    outputs = []
+    for proc, (out, err) in zip(procs, results):
+        assert proc.returncode == 0, err[-3000:]
+        outputs.append(json.loads(out.strip().splitlines()[-1]))
+    return sorted(outputs, key=lambda o: o["rank"])
+
+
+def test_rank_shards_of_one_generator_are_exactly_the_single_process_batch():
+    single = PoissonBatchSampler(1000, 0.05, 20, torch.Generator().manual_seed(3))
+    shards = [PoissonBatchSampler(1000, 0.05, 20, torch.Generator().manual_seed(3), rank=r, world_size=3)
+              for r in range(3)]
+    for batch, *parts in zip(single, *shards):
+        assert sorted(i for part in parts for i in part) == batch
+        assert all(i % 3 == r for r, part in enumerate(parts) for i in part)
+
+
+def test_rank_out_of_range_is_refused():
+    with pytest.raises(ValueError, match="rank"):
+        PoissonBatchSampler(10, 0.5, 1, torch.Generator(), rank=2, world_size=2)
+
+
+@pytest.fixture(scope="module")
+def runs() -> tuple[dict, list[dict]]:
+    (single,) = run_ranks(1)
+    return single, run_ranks(2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("wrap", ["plain", "ddp"])
+def test_two_processes_are_one_mechanism_equal_to_the_single_process_run(runs, wrap):
+    single, ranks = runs
+    single, ranks = single["plain"], [rank[wrap] for rank in ranks]
+    # ranks hold identical parameters after every step (bit for bit), and release the same noise draw
+    assert ranks[0]["params"] == ranks[1]["params"]
+    assert ranks[0]["noise_head"] == ranks[1]["noise_head"]
+    # together they sampled the single-process batches (the shards partition each of them)
+    assert [a + b for a, b in zip(ranks[0]["local_sizes"], ranks[1]["local_sizes"])] == single["local_sizes"]
+    # the same training as one process (up to the order of floating-point summation)
+    torch.testing.assert_close(torch.tensor(ranks[0]["params"]), torch.tensor(single["params"]),
+                               rtol=1e-4, atol=1e-5)
+    # one accountant, same epsilon; noise of the summed gradient drawn once: std s, not s * sqrt(2)
+    for rank in ranks:
+        assert rank["steps"] == single["steps"] == 6
+        assert rank["epsilon"] == single["epsilon"]
+        assert rank["claimed_std"] == single["claimed_std"]
+        assert rank["measured_std"] == pytest.approx(single["claimed_std"], rel=0.03)
+    assert ranks[0]["noise_head"] == pytest.approx(single["noise_head"], rel=1e-6)
