@@ -9,6 +9,7 @@ composed exactly, never approximated by their last entry) and cached per (histor
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ from accounting.validation import (
 #: Default cap of :meth:`PrivacyAccountant.max_additional_steps` (a larger answer is reported as the cap).
 MAX_STEPS = 10**6
 STATE_FORMAT = "lipdp.accounting/1"
+_BRACKET_GROWTH = 2.0
 
 
 @functools.lru_cache(maxsize=256)
@@ -137,7 +139,10 @@ class PrivacyAccountant:
         The backend is set up once for an upper bracket (placed with a cheap RDP guess) and k is found
         by a bracketed integer search on prefixes; the answer is then re-checked with exactly the
         computation :meth:`epsilon` would do for history + k (and lowered if that says otherwise).
-        Returns 0 if the budget is already exceeded, ``limit`` if even that many steps fit.
+        Returns 0 if the budget is already exceeded, and ``limit`` if even that many steps fit; when
+        the RDP bound (an upper bound on ε, looser than PRV and PLD) already certifies ``limit``
+        steps, ``limit`` is returned without setting the backend up for that many (10⁶ steps would
+        need a PRV grid of ~10⁷ points).
         """
         mechanism = Mechanism(check_noise_multiplier(noise_multiplier), check_sample_rate(sample_rate))
         epsilon, delta, limit = check_epsilon(epsilon), check_delta(delta), check_steps(limit, "limit")
@@ -145,6 +150,8 @@ class PrivacyAccountant:
         if spent > epsilon or limit == 0:
             return 0
         start = guess.rdp_steps(Composition.of(self._history), mechanism, epsilon, delta, limit)
+        if start == limit:
+            return limit
         steps = self._search_additional_steps(mechanism, epsilon, delta, limit, start, spent - epsilon)
         while steps > 0 and _epsilon(self._backend, self._extended(mechanism, steps), delta).upper > epsilon:
             steps -= 1
@@ -158,10 +165,11 @@ class PrivacyAccountant:
 
     def _search_additional_steps(self, mechanism: Mechanism, epsilon: float, delta: float, limit: int,
                                  start: int, f_zero: float) -> int:
-        """Largest feasible k found on one backend set-up for an infeasible upper bracket (doubled from
-        ``2·start`` until infeasible or ``limit``). ``f_zero``: the excess ε of the history alone (<= 0)."""
+        """Largest feasible k found on one backend set-up for an infeasible upper bracket (grown by
+        ``_BRACKET_GROWTH`` from ``start``, the RDP guess, until infeasible or ``limit``; PRV allows 1.2-1.9
+        times RDP's steps in tests). ``f_zero``: the excess ε of the history alone (<= 0)."""
         base = self.total_steps
-        low, f_low, high = 0, f_zero, min(limit, max(1, 2 * start))
+        low, f_low, high = 0, f_zero, min(limit, max(1, math.ceil(_BRACKET_GROWTH * start)))
         while True:
             history = self._extended(mechanism, high)
             composition = Composition.of(history)
@@ -175,7 +183,7 @@ class PrivacyAccountant:
                 break
             if high == limit:
                 return limit
-            low, f_low, high = high, f_high, min(limit, 2 * high)
+            low, f_low, high = high, f_high, min(limit, math.ceil(_BRACKET_GROWTH * high))
         if low < start < high:  # the RDP guess usually narrows the bracket from below
             f_start = excess(start)
             if f_start > 0:

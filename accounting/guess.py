@@ -3,7 +3,8 @@
 The RDP bound of ``prv_accountant.other_accountants.RDP`` (TF-Privacy's subsampled-Gaussian RDP,
 orders 1.1…63; torch-free) costs milliseconds and upper-bounds the true ε, so the σ it calibrates
 is close above the PRV/PLD answer and the step count it allows is close below. These guesses only
-decide where the real backend is evaluated first; they never decide a result.
+decide where the real backend is evaluated first, with one exception: when RDP already certifies
+the step cap of ``PrivacyAccountant.max_additional_steps``, the cap is returned as it is.
 """
 
 from __future__ import annotations
