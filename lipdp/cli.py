@@ -51,6 +51,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from lipdp import distributed
     from lipdp.datasets import load_dataset
     from lipdp.models import orthogonal_cnn, orthogonal_mlp
     from lipdp.training import TrainConfig, train_private
@@ -69,10 +70,13 @@ def run_train(args: argparse.Namespace) -> int:
         model = orthogonal_cnn(splits.input_shape, splits.num_classes, widths=widths)
     else:
         model = orthogonal_mlp(splits.input_shape[0], splits.num_classes, hidden=widths)
-    print(f"data: {splits.description}")
-    print(f"model: {type(model).__name__} with {sum(p.numel() for p in model.parameters())} parameters; "
-          f"target ({config.epsilon}, {config.delta})-DP, {config.epochs} epochs, expected batch {config.batch_size}")
+    if not distributed.init_from_env() or distributed.is_main_process():  # under torchrun, rank 0 reports
+        print(f"data: {splits.description}")
+        print(f"model: {type(model).__name__} with {sum(p.numel() for p in model.parameters())} parameters; "
+              f"target ({config.epsilon}, {config.delta})-DP, {config.epochs} epochs, expected batch {config.batch_size}")
     result, engine = train_private(model, splits.train, splits.test, config, progress=not args.no_progress)
+    if not distributed.is_main_process():
+        return 0
     report = engine.report(delta=config.delta, target_epsilon=config.epsilon)
     print(report.to_text())
     print(f"\ntest accuracy {result.test_accuracy:.4f} on {len(splits.test)} held-out samples at "

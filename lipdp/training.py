@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
+from lipdp import distributed
 from lipdp.engine import LipDPEngine
 from lipdp.losses import LipschitzCrossEntropy
 
@@ -97,7 +98,14 @@ def train_private(
     model: nn.Module, train_set: TensorDataset, test_set: TensorDataset, config: TrainConfig,
     progress: bool = True,
 ) -> tuple[TrainResult, LipDPEngine]:
-    """Train ``model`` with (config.epsilon, config.delta)-DP on ``train_set``; Adam + cosine schedule."""
+    """Train ``model`` with (config.epsilon, config.delta)-DP on ``train_set``; Adam + cosine schedule.
+
+    Under ``torchrun`` (WORLD_SIZE > 1) every rank runs this with the same arguments: it joins the process group
+    (``lipdp.distributed.init_from_env``), each rank trains on its shard of every Poisson batch of expected
+    size ``config.batch_size`` (global), and only rank 0 shows progress.
+    """
+    distributed.init_from_env()
+    progress = progress and distributed.is_main_process()
     torch.manual_seed(config.seed)
     engine = LipDPEngine(accountant=config.accountant, seed=config.seed)
     criterion = LipschitzCrossEntropy(temperature=config.temperature)
