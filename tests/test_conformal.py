@@ -367,3 +367,28 @@ def test_other_bad_arguments_are_refused():
         SoftmaxScore(0.0)
     with pytest.raises(ValueError, match="unknown score"):
         make_score("aps", 1.0)
+
+
+# ------------------------------------------------------------------------------------------------ recipe
+
+
+@pytest.mark.slow
+def test_recipe_runs_end_to_end_on_digits(tmp_path):
+    from recipes import conformal as recipe
+
+    out = tmp_path / "conformal.json"
+    assert recipe.main(["--dataset", "digits", "--epochs", "3", "--batch-size", "256", "--widths", "8", "16",
+                        "--input-norm-bound", "8", "--calibration-size", "300", "--test-size", "200",
+                        "--calibration-epsilon", "3", "--grid-size", "201", "--radius", "0.25", "--epsilon", "8",
+                        "--attack-steps", "5", "--no-progress", "--json", str(out)]) == 0
+    import json
+
+    result = json.loads(out.read_text())
+    rows = {(row["sets"], row["threshold"]): row for row in result["rows"]}
+    assert set(rows) == {(s, t) for s in ("vanilla", "robust") for t in ("non-private", "private")}
+    for threshold in ("non-private", "private"):
+        # Certified: every label of a clean vanilla set stays in the attacked robust set.
+        assert rows["robust", threshold]["attacked_coverage"] >= rows["vanilla", threshold]["clean_coverage"]
+    assert result["privacy"]["train_epsilon"] <= 8.0 + 1e-6
+    assert result["privacy"]["calibration_epsilon"] == 3.0
+    assert result["sizes"] == {"train": 1137, "calibration": 300, "test": 200}
