@@ -4,6 +4,7 @@
     lipdp budget --noise-multiplier 1.1 --sample-rate 0.0042667 --steps 3516 --delta 1e-5
     lipdp bounds --dataset fashion-mnist
     lipdp demo
+    lipdp audit --canaries 1000 --steps 50
 """
 
 from __future__ import annotations
@@ -144,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Private training at (3, 1e-5)-DP on Fashion-MNIST if installed, else digits.")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(func=run_demo)
+    from lipdp.audit import add_audit_arguments, run_audit
+
+    audit = sub.add_parser("audit", help="empirical lower bound on epsilon (one-run gradient-canary audit)",
+                           description="Audits the engine with gradient canaries (Steinke, Nasr & Jagielski 2023); "
+                                       "exit status 1 if the lower bound exceeds the claimed epsilon.")
+    add_audit_arguments(audit)
+    audit.set_defaults(func=run_audit)
     return parser
 
 
