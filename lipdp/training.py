@@ -144,12 +144,12 @@ def train_private(
                     bar.set_postfix(loss=f"{loss.item():.3f}")
         with averaged.applied() if averaged else contextlib.nullcontext(model) as evaluated:
             test_accuracy = accuracy(evaluated, test_set)
-        entry = {"epoch": epoch, "epsilon": engine.get_epsilon(config.delta), "test_accuracy": test_accuracy,
+        entry = {"epoch": epoch, "steps": engine.accountant.total_steps, "test_accuracy": test_accuracy,
                  "seconds": time.perf_counter() - start}
         epoch_log.append(entry)
-        logger.info("epoch %d: eps=%.3f test acc=%.4f", epoch, entry["epsilon"], entry["test_accuracy"])
+        logger.info("epoch %d: %d steps, test acc=%.4f", epoch, entry["steps"], entry["test_accuracy"])
         if progress:
-            tqdm.write(f"epoch {epoch}: eps = {entry['epsilon']:.3f}, test accuracy = {entry['test_accuracy']:.4f}")
+            tqdm.write(f"epoch {epoch}: {entry['steps']} steps, held-out accuracy = {entry['test_accuracy']:.4f}")
     if averaged is not None:  # the released model is the average (post-processing of released iterates)
         averaged.copy_into_model(averaged.average)
     result = TrainResult(

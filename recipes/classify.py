@@ -47,13 +47,13 @@ def _features(dataset: TensorDataset, front_end: str, groups: int) -> TensorData
 
 
 def prepare_data(dataset: str, front_end: str, groups: int, validation: bool, seed: int):
-    """(train, evaluation, input_shape, num_classes, description); evaluation = validation split if asked."""
+    """(train, evaluation, input_shape, num_classes, description); evaluation = validation split if asked.
+
+    Features are computed on the full official splits (and cached), then the validation split is taken."""
     splits = load_dataset(dataset, seed=seed)
-    train, evaluation = splits.train, splits.test
+    train, evaluation = _features(splits.train, front_end, groups), _features(splits.test, front_end, groups)
     if validation:
         train, evaluation = train_validation_split(train, 0.1, seed=seed)
-        train, evaluation = (TensorDataset(*[t for t in d[:]]) for d in (train, evaluation))
-    train, evaluation = _features(train, front_end, groups), _features(evaluation, front_end, groups)
     return train, evaluation, tuple(train.tensors[0].shape[1:]), splits.num_classes, splits.description
 
 
