@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from accounting import BudgetReport, PrivacyAccountant, calibrate_noise
+from accounting.validation import check_delta, check_noise_multiplier, check_positive, check_steps
 from lipdp import distributed
 from lipdp.bounds import check_model, lipschitz_constant, record_shapes
 from lipdp.hooks import InputGuard, OutputGradientHook
@@ -97,14 +98,18 @@ class LipDPEngine:
             raise TypeError("optimizer must be an ordinary torch.optim.Optimizer over the model's parameters")
         if not isinstance(data_loader, DataLoader):
             raise TypeError(f"data_loader must be a torch DataLoader, got {type(data_loader).__name__}")
-        if not (isinstance(input_norm_bound, (int, float)) and input_norm_bound > 0):
-            raise ValueError(f"input_norm_bound must be a number > 0, got {input_norm_bound!r}")
-        if not (isinstance(noise_multiplier, (int, float)) and noise_multiplier > 0):
-            raise ValueError(f"noise_multiplier must be a number > 0, got {noise_multiplier!r}")
+        input_norm_bound = check_positive(input_norm_bound, "input_norm_bound")
+        noise_multiplier = check_noise_multiplier(noise_multiplier)
+        if loss_grad_clip is not None:
+            loss_grad_clip = check_positive(loss_grad_clip, "loss_grad_clip")
         if noise_strategy not in NOISE_STRATEGIES:
             raise ValueError(f"noise_strategy must be one of {NOISE_STRATEGIES}, got {noise_strategy!r}")
-        if max_epsilon is not None and (target_delta is None or not max_epsilon > 0):
-            raise ValueError("max_epsilon needs a positive value and a target_delta")
+        if target_delta is not None:
+            target_delta = check_delta(target_delta, "target_delta")
+        if max_epsilon is not None:
+            if target_delta is None:
+                raise ValueError("max_epsilon needs a target_delta")
+            max_epsilon = check_positive(max_epsilon, "max_epsilon")
         reduction = getattr(criterion, "reduction", loss_reduction)
         if reduction != loss_reduction:
             raise ValueError(
@@ -146,26 +151,33 @@ class LipDPEngine:
             raise ValueError("the model has no trainable parameters")
 
         materialized = MaterializedWeights(module)
-        shapes = record_shapes(module, input_shape)
-        config = MechanismConfig(
-            noise_multiplier=float(noise_multiplier),
-            sample_rate=poisson_loader.sample_rate,
-            expected_batch_size=poisson_loader.expected_batch_size,
-            input_norm_bound=float(input_norm_bound),
-            loss_lipschitz=float(lipschitz),
-            input_shape=input_shape,
-            noise_strategy=noise_strategy,
-            max_epsilon=max_epsilon,
-            target_delta=target_delta,
-        )
-        self.mechanism = GradientMechanism(
-            module, config, self.accountant, self.noise_generator, shapes, materialized,
-            reduce_gradients=distributed.gradient_reducer(ddp) if distributed.is_distributed() else None)
-        self.mechanism.analysis()  # fail now, not at the first step, if anything cannot be bounded
-        self._hooks = [
-            InputGuard(module, input_shape, float(input_norm_bound)).handle,
-            OutputGradientHook(module, loss_reduction, loss_grad_clip).handle,
-        ]
+        try:
+            shapes = record_shapes(module, input_shape)
+            config = MechanismConfig(
+                noise_multiplier=float(noise_multiplier),
+                sample_rate=poisson_loader.sample_rate,
+                expected_batch_size=poisson_loader.expected_batch_size,
+                input_norm_bound=float(input_norm_bound),
+                loss_lipschitz=float(lipschitz),
+                input_shape=input_shape,
+                noise_strategy=noise_strategy,
+                max_epsilon=max_epsilon,
+                target_delta=target_delta,
+            )
+            self.mechanism = GradientMechanism(
+                module, config, self.accountant, self.noise_generator, shapes, materialized,
+                reduce_gradients=distributed.gradient_reducer(ddp) if distributed.is_distributed() else None)
+            self.mechanism.analysis()  # fail now, not at the first step, if anything cannot be bounded
+            # The output hook clips each sample's logit gradient at the constant the bounds use, min(L, clip): a
+            # no-op for the declared criterion, and what keeps the bound true if the loss back-propagated is another.
+            self._hooks.append(InputGuard(module, input_shape, float(input_norm_bound)).handle)
+            self._hooks.append(OutputGradientHook(module, loss_reduction, lipschitz).handle)
+        except BaseException:  # leave the user's model as it was
+            materialized.detach_from()
+            for handle in self._hooks:
+                handle.remove()
+            self._hooks, self.mechanism = [], None
+            raise
         self.model, self.data_loader = module, poisson_loader
         self.optimizer = DPOptimizer(optimizer, self.mechanism)
         return wrapper, self.optimizer, poisson_loader
@@ -181,6 +193,9 @@ class LipDPEngine:
         if loader.batch_size is None:
             raise ValueError("data_loader needs a batch_size (the expected Poisson batch size)")
         num_samples = len(loader.dataset)
+        if num_samples == 0:
+            raise ValueError("the dataset is empty: there is nothing to train on")
+        epochs = check_steps(epochs, "epochs", minimum=1)
         sample_rate = loader.batch_size / num_samples
         steps = epochs * max(1, round(num_samples / loader.batch_size))
         sigma = calibrate_noise(target_epsilon, target_delta, sample_rate, steps=steps,

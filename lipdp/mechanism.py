@@ -85,6 +85,18 @@ class GradientMechanism:
                 "nothing from this step was released."
             )
 
+    @staticmethod
+    def _check_representable(values: dict[str, float], grads: dict[str, torch.Tensor]) -> None:
+        """Refuse sensitivities or noise stds that are not finite, or too large for the gradient's dtype (the
+        noisy gradient would overflow to inf: a step that releases nothing usable, never a silent one)."""
+        for name, value in values.items():
+            limit = torch.finfo(grads[name].dtype).max / 1e6
+            if not (math.isfinite(value) and 0 <= value < limit):
+                raise FloatingPointError(
+                    f"{name}: sensitivity/noise std {value:.4g} is not a usable {grads[name].dtype} number: nothing "
+                    "was released. Fix: check noise_multiplier, input_norm_bound and the weights for absurd values."
+                )
+
     def release(self) -> None:
         config = self.config
         with torch.no_grad():
@@ -106,8 +118,17 @@ class GradientMechanism:
                 )
         report = self.analysis()
         sensitivities = report.sensitivities
-        stds = noise_stds(sensitivities, report.sizes, config.noise_multiplier, config.noise_strategy)
-        sigma_eff = effective_noise_multiplier(sensitivities, stds)
+        self._check_representable(sensitivities, grads)
+        try:
+            stds = noise_stds(sensitivities, report.sizes, config.noise_multiplier, config.noise_strategy)
+            sigma_eff = effective_noise_multiplier(sensitivities, stds)
+        except OverflowError as error:
+            raise FloatingPointError(
+                f"noise_multiplier={config.noise_multiplier} and sensitivities {sensitivities} overflow the noise "
+                "computation: nothing was released. Fix: use magnitudes of noise_multiplier and input_norm_bound "
+                "that a float can hold."
+            ) from error
+        self._check_representable(stds, grads)
         if not math.isclose(sigma_eff, config.noise_multiplier, rel_tol=1e-9) and sigma_eff != math.inf:
             raise AssertionError(f"noise strategy gave sigma_eff={sigma_eff}, expected {config.noise_multiplier}")
         self._check_budget()
