@@ -17,12 +17,14 @@ Evaluation: coverage and mean set size on clean test inputs, and on test inputs 
 maximising the true label's statistic (the score for vanilla sets, its lower bound for robust ones), i.e.
 trying to push the true label out of the set.
 
-Privacy: the released model is (eps_train, delta)-DP w.r.t. the training part; the released private threshold
-is (eps_cal, 0)-DP w.r.t. the calibration part for every fixed model (the model is itself a DP release, so this
-is adaptive composition). The parts are disjoint and each record lies in exactly one, so parallel composition
-gives (max(eps_train, eps_cal), delta) for the pair; the sum eps_train + eps_cal (sequential composition) holds
-with no assumption on how the split was made. Both are reported. (The split is by a seeded permutation of
-record positions, fixed before training: record-wise disjointness is what parallel composition needs.)
+Privacy: the released model is (eps_train, delta)-DP w.r.t. the training part (the engine's accountant); the
+released private threshold is (eps_cal, 0)-DP w.r.t. the calibration part for every fixed model (the model is a
+DP release of the other part: adaptive composition). The two parts are disjoint sets fixed before training by a
+seeded split. A person whose data lie in one part only changes the input of one mechanism, so the pair
+(model, threshold) is (max(eps_train, eps_cal), delta)-DP for them: parallel composition, the headline. Someone
+whose data may be in both parts (several records per person, duplicates across parts) gets the sequential sum
+(eps_train + eps_cal, delta), also reported. The split is by position with a public seed: it is not part of
+either guarantee (as usual, each part is the data set its mechanism protects).
 The vanilla and robust rows with the non-private q_hat release a threshold that is NOT private w.r.t. the
 calibration part; they are there for comparison.
 """
@@ -182,8 +184,8 @@ def markdown_table(result: dict) -> str:
     lines.append(
         f"Target coverage {1 - result['alpha']:g}. Private sets: training (eps={privacy['train_epsilon']:.3f}, "
         f"delta={privacy['delta']:g}) + calibration (eps={privacy['calibration_epsilon']:g}, delta=0) on disjoint "
-        f"data: parallel composition eps={privacy['parallel_composition_epsilon']:.3f}; sequential (no assumption) "
-        f"eps={privacy['sequential_composition_epsilon']:.3f}."
+        f"parts: parallel composition eps={privacy['parallel_composition_epsilon']:.3f} for a person in one part; "
+        f"sequential eps={privacy['sequential_composition_epsilon']:.3f} for a person who may be in both."
     )
     lines.append(
         f"Certificate violations (a clean vanilla label missing from the attacked robust set): "
