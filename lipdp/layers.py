@@ -19,7 +19,21 @@ def _per_sample_norm(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1).norm(dim=1).view(-1, *([1] * (x.dim() - 1)))
 
 
-class InputNormClip(nn.Module):
+class NonExpansive(nn.Module):
+    """Base of parameter-free lipdp layers that are 1-Lipschitz with ||h(a)|| <= ||a|| (the bound protocol's
+    answers for such a map: Lip = 1, output bound = input bound, no parameters)."""
+
+    def lipschitz(self, ctx=None) -> float:
+        return 1.0
+
+    def output_bound(self, x_bound: float, ctx=None) -> float:
+        return x_bound
+
+    def param_sensitivities(self, x_bound: float, grad_bound: float, ctx=None) -> dict[str, float]:
+        return {}
+
+
+class InputNormClip(NonExpansive):
     """Bounds each sample's L2 norm by ``bound``: the input layer that makes X_0 hold for any data.
 
     * ``mode="clip"``: x * min(1, bound / ||x||), the projection onto the ball (1-Lipschitz).
@@ -51,14 +65,11 @@ class InputNormClip(nn.Module):
     def output_bound(self, x_bound: float, ctx=None) -> float:
         return min(x_bound, self.bound) if self.mode == "clip" else self.bound
 
-    def param_sensitivities(self, x_bound: float, grad_bound: float, ctx=None) -> dict[str, float]:
-        return {}
-
     def extra_repr(self) -> str:
         return f"bound={self.bound}, mode={self.mode!r}"
 
 
-class GroupSort(nn.Module):
+class GroupSort(NonExpansive):
     """Sorts channels (dim 1) within groups of ``group_size`` (Anil et al. 2019, "Sorting out Lipschitz
     function approximation"). Per input a permutation: Lip = 1 and ||h(a)|| = ||a||; gradient-norm preserving.
     ``group_size=2`` is MaxMin on adjacent pairs.
@@ -77,17 +88,8 @@ class GroupSort(nn.Module):
         grouped = x.reshape(x.shape[0], channels // self.group_size, self.group_size, *x.shape[2:])
         return grouped.sort(dim=2, descending=True).values.reshape(x.shape)
 
-    def lipschitz(self, ctx=None) -> float:
-        return 1.0
 
-    def output_bound(self, x_bound: float, ctx=None) -> float:
-        return x_bound
-
-    def param_sensitivities(self, x_bound: float, grad_bound: float, ctx=None) -> dict[str, float]:
-        return {}
-
-
-class L2NormPool2d(nn.Module):
+class L2NormPool2d(NonExpansive):
     """Non-overlapping L2-norm pooling: each output is the L2 norm of one k x k patch of one channel.
 
     Computed as sqrt(sum of squares + eps) - sqrt(eps), which is smooth at 0, never above the patch norm and
@@ -105,20 +107,11 @@ class L2NormPool2d(nn.Module):
         sum_sq = F.avg_pool2d(x * x, k, stride=k) * (k * k)
         return torch.sqrt(sum_sq + self.eps) - math.sqrt(self.eps)
 
-    def lipschitz(self, ctx=None) -> float:
-        return 1.0
-
-    def output_bound(self, x_bound: float, ctx=None) -> float:
-        return x_bound
-
-    def param_sensitivities(self, x_bound: float, grad_bound: float, ctx=None) -> dict[str, float]:
-        return {}
-
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}"
 
 
-class GlobalL2Pool2d(nn.Module):
+class GlobalL2Pool2d(NonExpansive):
     """(N, C, H, W) -> (N, C): the L2 norm of each channel map. 1-Lipschitz, ||h(a)|| <= ||a|| (as above)."""
 
     def __init__(self, eps: float = 1e-12) -> None:
@@ -127,15 +120,6 @@ class GlobalL2Pool2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sqrt((x * x).sum(dim=(2, 3)) + self.eps) - math.sqrt(self.eps)
-
-    def lipschitz(self, ctx=None) -> float:
-        return 1.0
-
-    def output_bound(self, x_bound: float, ctx=None) -> float:
-        return x_bound
-
-    def param_sensitivities(self, x_bound: float, grad_bound: float, ctx=None) -> dict[str, float]:
-        return {}
 
 
 class ConvexResidual(nn.Module):
@@ -173,4 +157,4 @@ class ConvexResidual(nn.Module):
         return f"alpha={self.alpha}"
 
 
-__all__ = ["InputNormClip", "GroupSort", "L2NormPool2d", "GlobalL2Pool2d", "ConvexResidual", "UnsupportedModuleError"]
+__all__ = ["NonExpansive", "InputNormClip", "GroupSort", "L2NormPool2d", "GlobalL2Pool2d", "ConvexResidual", "UnsupportedModuleError"]
