@@ -141,3 +141,17 @@ def test_two_processes_are_one_mechanism_equal_to_the_single_process_run(runs, w
         assert rank["claimed_std"] == single["claimed_std"]
         assert rank["measured_std"] == pytest.approx(single["claimed_std"], rel=0.03)
     assert ranks[0]["noise_head"] == pytest.approx(single["noise_head"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_torchrun_cli_train_runs_two_ranks_and_rank_0_reports(tmp_path):
+    out = tmp_path / "run.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lipdp.cli",
+         "train", "--dataset", "digits", "--epochs", "1", "--batch-size", "512", "--no-progress", "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("test accuracy") == 1  # rank 0 alone reports
+    result = json.loads(out.read_text())
+    assert result["steps"] == 3 and result["epsilon"] <= 3.0 + 1e-9
