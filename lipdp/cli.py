@@ -145,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Private training at (3, 1e-5)-DP on Fashion-MNIST if installed, else digits.")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(func=run_demo)
+    from recipes.compare import add_compare_arguments, run_compare
+
+    compare = sub.add_parser("compare", help="lipdp vs Opacus DP-SGD at the same (eps, delta) and epochs",
+                             description="Each side in its own process: accuracy, step time, peak memory, wall time "
+                                         "and epsilon spent (recipes.compare).")
+    add_compare_arguments(compare)
+    compare.set_defaults(func=run_compare)
     from lipdp.audit import add_audit_arguments, run_audit
 
     audit = sub.add_parser("audit", help="empirical lower bound on epsilon (one-run gradient-canary audit)",

@@ -1,0 +1,409 @@
+"""lipdp side by side with Opacus DP-SGD: the same data, the same (epsilon, delta), the same epochs.
+
+    python -m recipes.compare                                   # Fashion-MNIST, eps=3, delta=1e-5
+    python -m recipes.compare --dataset digits --epochs 5 --opacus-batch-size 128 --lipdp-batch-size 128
+    lipdp compare --help
+
+Each side runs in its own interpreter (``run_child``), so that its peak memory (the child's peak RSS) is its own.
+Both sides' noise is calibrated with lipdp's accountant (PRV by default) and both report the epsilon it gives for
+the steps they took. The median step time is measured the same way on both sides by :class:`StepTimer`: from the
+first forward call with gradients enabled to the end of the following optimizer step (data loading and evaluation
+excluded). Outputs: a markdown table (printed and written), the JSON of both runs and a PNG plot.
+
+The lipdp side is pluggable (``LIPDP_RECIPES``): ``classify`` runs ``recipes.classify.run`` (scattering front end
+and Lipschitz head), ``cnn`` runs ``lipdp.training.train_private`` on the default orthogonal CNN. The Opacus side is
+``recipes.opacus_baseline`` (Tramèr-Boneh's CNN with GroupNorm, ghost clipping by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------- isolated child processes
+
+
+def process_status_bytes(field: str) -> int:
+    """A memory line of this process's ``/proc/self/status`` (``VmRSS``, ``VmHWM``, ``VmSize``...), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # the kernel reports kB (KiB)
+    raise RuntimeError(f"{field} is not in /proc/self/status (lipdp's memory measurements need Linux)")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (``VmHWM``; ``getrusage``'s ``ru_maxrss`` lags behind it)."""
+    return process_status_bytes("VmHWM")
+
+
+@dataclass
+class ChildOutcome:
+    """How a child process ended: ``returncode`` None means it was killed at the timeout; ``result`` is the JSON
+    it wrote (None if it wrote none)."""
+
+    returncode: int | None
+    result: dict | None
+    seconds: float
+    stderr_tail: str = ""
+
+
+def run_child(module: str, argv: list[str], timeout: float | None = None,
+              capture_stderr: bool = False) -> ChildOutcome:
+    """Run ``python -m module *argv --result FILE`` in a fresh interpreter and read the JSON it writes to FILE.
+
+    The child's stdout is discarded; its stderr goes to this terminal (progress bars), or is captured and its
+    last lines kept for error messages with ``capture_stderr``.
+    """
+    with tempfile.TemporaryDirectory(prefix="lipdp-child-") as folder:
+        path = Path(folder) / "result.json"
+        command = [sys.executable, "-m", module, *argv, "--result", str(path)]
+        start = time.perf_counter()
+        try:
+            completed = subprocess.run(command, stdout=subprocess.DEVNULL, timeout=timeout, text=True,
+                                       stderr=subprocess.PIPE if capture_stderr else None)
+        except subprocess.TimeoutExpired:
+            return ChildOutcome(None, None, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        result = json.loads(path.read_text()) if completed.returncode == 0 and path.exists() else None
+    tail = "\n".join((completed.stderr or "").strip().splitlines()[-5:])
+    return ChildOutcome(completed.returncode, result, seconds, tail)
+
+
+def machine_description() -> dict:
+    """CPU model, core count, memory, OS and library versions of this machine."""
+    import opacus
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or "unknown CPU")
+    memory_kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                      if line.startswith("MemTotal:"))
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(memory_kib * 1024 / 1e9, 1),
+            "os": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "opacus": opacus.__version__, "torch_threads": torch.get_num_threads(),
+            "load_average": [round(x, 2) for x in os.getloadavg()]}
+
+
+# ------------------------------------------------------------------------------------------------ step timing
+
+
+class StepTimer:
+    """Times every training step taken in this process, whoever builds the model and the optimizer.
+
+    A step starts at the first module forward call with gradients enabled after the previous step and ends when
+    an optimizer step finishes (torch's global module and optimizer hooks). Forward calls under ``no_grad``
+    (evaluation) are ignored; so is an optimizer step with no forward before it (a wrapper stepping its inner
+    optimizer).
+    """
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._start: float | None = None
+        self._handles: list = []
+
+    def _forward(self, module, args) -> None:
+        import torch
+
+        if self._start is None and torch.is_grad_enabled():
+            self._start = time.perf_counter()
+
+    def _step_end(self, optimizer, args, kwargs) -> None:
+        if self._start is not None:
+            self.seconds.append(time.perf_counter() - self._start)
+            self._start = None
+
+    def __enter__(self) -> StepTimer:
+        from torch.nn.modules.module import register_module_forward_pre_hook
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        self._handles = [register_module_forward_pre_hook(self._forward),
+                         register_optimizer_step_post_hook(self._step_end)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def median(self) -> float | None:
+        """Median step time in seconds (None before any step)."""
+        import statistics
+
+        return statistics.median(self.seconds) if self.seconds else None
+
+
+# ------------------------------------------------------------------------------------------------ the two sides
+
+
+@dataclass
+class CompareSettings:
+    """Everything both sides need; the lipdp and Opacus hyper-parameters default to each side's own tuning."""
+
+    dataset: str = "fashion-mnist"
+    epsilon: float = 3.0
+    delta: float = 1e-5
+    epochs: int = 40
+    seed: int = 0
+    lipdp_recipe: str = "classify"
+    lipdp_batch_size: int | None = None
+    lipdp_learning_rate: float | None = None
+    opacus_mode: str = "ghost"
+    opacus_batch_size: int = 2048
+    opacus_learning_rate: float = 4.0
+    opacus_max_grad_norm: float = 0.1
+    progress: bool = True
+
+
+def lipdp_classify(settings: CompareSettings) -> dict:
+    """lipdp through ``recipes.classify.run`` (scattering front end, Lipschitz head; its own defaults)."""
+    from recipes.classify import run
+
+    result = run(settings.dataset, epsilon=settings.epsilon, delta=settings.delta, seed=settings.seed,
+                 epochs=settings.epochs, batch_size=settings.lipdp_batch_size,
+                 learning_rate=settings.lipdp_learning_rate, progress=settings.progress)
+    return {"model": f"{result['front_end']} front end + {result['head']} head (recipes.classify)",
+            "test_accuracy": result["accuracy"], "epsilon": result["epsilon"],
+            "noise_multiplier": result["noise_multiplier"], "steps": result["steps"],
+            "batch_size": result["config"]["batch_size"], "train_seconds": result["train_seconds"],
+            "epoch_log": result["epochs"]}
+
+
+def lipdp_cnn(settings: CompareSettings) -> dict:
+    """lipdp's default orthogonal CNN through ``lipdp.training.train_private`` (``lipdp train``'s settings)."""
+    from lipdp.cli import DEMO_SETTINGS
+    from lipdp.datasets import load_dataset
+    from lipdp.models import orthogonal_cnn
+    from lipdp.training import TrainConfig, train_private
+
+    splits = load_dataset(settings.dataset, seed=settings.seed)
+    defaults = DEMO_SETTINGS.get(splits.name, DEMO_SETTINGS["digits"])
+    config = TrainConfig(
+        epsilon=settings.epsilon, delta=settings.delta, epochs=settings.epochs, seed=settings.seed,
+        batch_size=min(settings.lipdp_batch_size or defaults["batch_size"], len(splits.train)),
+        learning_rate=settings.lipdp_learning_rate or defaults["learning_rate"], temperature=defaults["temperature"])
+    model = orthogonal_cnn(splits.input_shape, splits.num_classes, widths=defaults["widths"])
+    parameters = sum(p.numel() for p in model.parameters())
+    result, _ = train_private(model, splits.train, splits.test, config, progress=settings.progress)
+    return {"model": f"orthogonal CNN {defaults['widths']}, {parameters} parameters (lipdp.models)",
+            "test_accuracy": result.test_accuracy, "epsilon": result.epsilon,
+            "noise_multiplier": result.noise_multiplier, "steps": result.steps, "batch_size": config.batch_size,
+            "train_seconds": result.seconds, "epoch_log": result.epoch_log}
+
+
+def opacus_side(settings: CompareSettings) -> dict:
+    """Opacus DP-SGD on Tramèr-Boneh's CNN with GroupNorm (``recipes.opacus_baseline``)."""
+    from lipdp.datasets import load_dataset
+    from recipes.opacus_baseline import OpacusConfig, groupnorm_cnn, train_opacus
+
+    splits = load_dataset(settings.dataset, seed=settings.seed)
+    config = OpacusConfig(
+        epsilon=settings.epsilon, delta=settings.delta, epochs=settings.epochs, seed=settings.seed,
+        batch_size=min(settings.opacus_batch_size, len(splits.train)),
+        learning_rate=settings.opacus_learning_rate, max_grad_norm=settings.opacus_max_grad_norm,
+        grad_sample_mode=settings.opacus_mode)
+    model = groupnorm_cnn(splits.input_shape, splits.num_classes)
+    parameters = sum(p.numel() for p in model.parameters())
+    result = train_opacus(model, splits.train, splits.test, config, progress=settings.progress)
+    return {"model": f"Tramèr-Boneh CNN + GroupNorm, {parameters} parameters, Opacus {settings.opacus_mode}, "
+                     f"C={config.max_grad_norm}",
+            "test_accuracy": result.test_accuracy, "epsilon": result.epsilon,
+            "noise_multiplier": result.noise_multiplier, "steps": result.steps, "batch_size": config.batch_size,
+            "train_seconds": result.seconds, "epoch_log": result.epoch_log}
+
+
+LIPDP_RECIPES: dict[str, Callable[[CompareSettings], dict]] = {"classify": lipdp_classify, "cnn": lipdp_cnn}
+SIDES = ("lipdp", "opacus")
+
+
+def run_side(side: str, settings: CompareSettings) -> dict:
+    """Run one side in this process; adds its median step time, steps timed, peak RSS and threads."""
+    import torch
+
+    function = LIPDP_RECIPES[settings.lipdp_recipe] if side == "lipdp" else opacus_side
+    with StepTimer() as timer:
+        result = function(settings)
+    return {**result, "median_step_seconds": timer.median(), "timed_steps": len(timer.seconds),
+            "peak_rss_bytes": peak_rss_bytes(), "torch_threads": torch.get_num_threads()}
+
+
+def run_isolated_side(side: str, settings: CompareSettings) -> dict:
+    """Run one side in a fresh interpreter; adds its process wall time (start-up, data, calibration included)."""
+    outcome = run_child("recipes.compare", ["--side", side, "--settings", json.dumps(asdict(settings))])
+    if outcome.result is None:
+        raise RuntimeError(f"the {side} side failed (exit code {outcome.returncode}); see its messages above")
+    return {**outcome.result, "process_seconds": outcome.seconds}
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def _row(label: str, values: list[str]) -> str:
+    return f"| {label} | " + " | ".join(values) + " |"
+
+
+def markdown_report(settings: CompareSettings, results: dict[str, dict], machine: dict) -> str:
+    """The comparison as a markdown table, with the settings and the machine it ran on."""
+    sides = [results[s] for s in SIDES]
+
+    def each(formatter: Callable[[dict], str]) -> list[str]:
+        return [formatter(r) for r in sides]
+
+    lines = [
+        f"# lipdp vs Opacus DP-SGD: {settings.dataset}, (epsilon = {settings.epsilon:g}, delta = {settings.delta:g}),"
+        f" {settings.epochs} epochs",
+        "",
+        _row("", ["lipdp", f"Opacus ({settings.opacus_mode})"]),
+        _row("---", ["---"] * len(sides)),
+        _row("model", each(lambda r: r["model"])),
+        _row("test accuracy", each(lambda r: f"{100 * r['test_accuracy']:.2f}%")),
+        _row("median step time", each(lambda r: "n/a" if r["median_step_seconds"] is None
+                                      else f"{1000 * r['median_step_seconds']:.1f} ms")),
+        _row("expected batch size", each(lambda r: str(r["batch_size"]))),
+        _row("steps", each(lambda r: str(r["steps"]))),
+        _row("peak memory (RSS)", each(lambda r: f"{r['peak_rss_bytes'] / 2**20:.0f} MiB")),
+        _row("epochs", [str(settings.epochs)] * len(sides)),
+        _row("training time", each(lambda r: f"{r['train_seconds']:.1f} s")),
+        _row("process wall time", each(lambda r: f"{r['process_seconds']:.1f} s")),
+        _row("noise multiplier", each(lambda r: f"{r['noise_multiplier']:.4f}")),
+        _row(f"epsilon spent (lipdp's PRV accountant, delta = {settings.delta:g})",
+             each(lambda r: f"{r['epsilon']:.3f}")),
+        "",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gb']} GB; torch "
+        f"{machine['torch']} with {sides[0]['torch_threads']} threads on both sides, opacus {machine['opacus']}; "
+        f"load average at the start {machine['load_average']}.",
+        "Step time: first forward (gradients on) to the end of the optimizer step, median over all steps; "
+        "each side in its own process (peak RSS is that process's).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(settings: CompareSettings, results: dict[str, dict], path: Path) -> Path:
+    """Accuracy per epoch and bars of accuracy, step time, peak memory and training time (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    names = ["lipdp", f"Opacus ({settings.opacus_mode})"]
+    sides = [results[s] for s in SIDES]
+    figure, axes = plt.subplots(1, 5, figsize=(20, 3.8))
+    for name, result in zip(names, sides):
+        log = result["epoch_log"]
+        axes[0].plot([e["epoch"] for e in log], [100 * e["test_accuracy"] for e in log], marker="o", label=name)
+    axes[0].set(xlabel="epoch", ylabel="test accuracy (%)", title="accuracy per epoch")
+    axes[0].legend()
+    bars = [("test accuracy (%)", lambda r: 100 * r["test_accuracy"]),
+            ("median step time (ms)", lambda r: 1000 * (r["median_step_seconds"] or 0)),
+            ("peak RSS (MiB)", lambda r: r["peak_rss_bytes"] / 2**20),
+            ("training time (s)", lambda r: r["train_seconds"])]
+    for axis, (title, value) in zip(axes[1:], bars):
+        heights = [value(r) for r in sides]
+        axis.bar(names, heights, color=["tab:blue", "tab:orange"])
+        axis.bar_label(axis.containers[0], fmt="%.1f")
+        axis.set_title(title)
+    figure.suptitle(f"{settings.dataset}, (ε = {settings.epsilon:g}, δ = {settings.delta:g}), "
+                    f"{settings.epochs} epochs")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def compare(settings: CompareSettings, out_dir: Path) -> dict:
+    """Run both sides, one process each, one after the other; write compare.{md,json,png} to ``out_dir``."""
+    machine = machine_description()
+    results = {}
+    for side in SIDES:
+        logger.info("running the %s side", side)
+        results[side] = run_isolated_side(side, settings)
+    report = markdown_report(settings, results, machine)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "compare.md").write_text(report)
+    (out_dir / "compare.json").write_text(json.dumps(
+        {"settings": asdict(settings), "machine": machine, "results": results}, indent=2))
+    plot(settings, results, out_dir / "compare.png")
+    return {"report": report, "results": results}
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``compare`` flags (shared by ``python -m recipes.compare`` and ``lipdp compare``)."""
+    defaults = CompareSettings()
+    parser.add_argument("--dataset", default=defaults.dataset, help="data set (lipdp.datasets name) for both sides")
+    parser.add_argument("--epsilon", type=float, default=defaults.epsilon, help="target epsilon of both runs")
+    parser.add_argument("--delta", type=float, default=defaults.delta, help="target delta of both runs")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the data, both sides")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of both runs")
+    parser.add_argument("--lipdp-recipe", choices=sorted(LIPDP_RECIPES), default=defaults.lipdp_recipe,
+                        help="lipdp side: 'classify' = recipes.classify.run (scattering + Lipschitz head), "
+                             "'cnn' = the orthogonal CNN of `lipdp train`")
+    parser.add_argument("--lipdp-batch-size", type=int, default=None, metavar="B",
+                        help="lipdp's expected batch size (default: the recipe's own)")
+    parser.add_argument("--lipdp-lr", dest="lipdp_learning_rate", type=float, default=None, metavar="LR",
+                        help="lipdp's learning rate (default: the recipe's own)")
+    parser.add_argument("--opacus-mode", choices=("ghost", "hooks", "functorch"), default=defaults.opacus_mode,
+                        help="Opacus per-sample gradient mode (ghost clipping is its fastest here)")
+    parser.add_argument("--opacus-batch-size", type=int, default=defaults.opacus_batch_size, metavar="B",
+                        help="Opacus's expected batch size (Tramèr-Boneh: 2048)")
+    parser.add_argument("--opacus-lr", dest="opacus_learning_rate", type=float, metavar="LR",
+                        default=defaults.opacus_learning_rate, help="Opacus's SGD learning rate (momentum 0.9)")
+    parser.add_argument("--max-grad-norm", dest="opacus_max_grad_norm", type=float, metavar="C",
+                        default=defaults.opacus_max_grad_norm, help="Opacus's per-sample clipping norm C")
+    parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/out/compare"),
+                        help="folder for compare.md, compare.json and compare.png")
+    parser.add_argument("--no-progress", action="store_true", help="hide the children's progress bars")
+    # Internal: the parent runs each side as `python -m recipes.compare --side NAME --settings JSON --result FILE`.
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--settings", help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """Entry point of both command lines: the comparison (or, with the internal ``--side``, one side of it)."""
+    if args.side:
+        result = run_side(args.side, CompareSettings(**json.loads(args.settings)))
+        args.result.write_text(json.dumps(result))
+        return 0
+    fields = CompareSettings.__dataclass_fields__
+    settings = CompareSettings(**{k: v for k, v in vars(args).items() if k in fields},
+                               progress=not args.no_progress)
+    outcome = compare(settings, args.out_dir)
+    print(outcome["report"])
+    print(f"wrote {args.out_dir / 'compare.md'}, compare.json and compare.png")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m recipes.compare",
+        description="lipdp vs Opacus DP-SGD on the same data, (epsilon, delta) and epochs, each side in its own "
+                    "process: test accuracy, median step time, peak memory, wall time and epsilon spent.")
+    add_compare_arguments(parser)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return run_compare(args)
+    except RuntimeError as error:
+        print(f"compare: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The Opacus baseline, the lipdp-vs-Opacus comparison and the benchmark plumbing (issue 5)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks import batch_size, report, step_time
+from benchmarks.measure import Configuration, Measurement, measure, run_isolated
+from lipdp.datasets import load_dataset
+from recipes import compare
+from recipes.opacus_baseline import OpacusConfig, groupnorm_cnn, train_opacus
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 32, 32)])
+def test_groupnorm_cnn_fits_every_image_size(shape):
+    model = groupnorm_cnn(shape, 10)
+    assert model(torch.rand(5, *shape)).shape == (5, 10)
+    assert any(isinstance(m, nn.GroupNorm) for m in model)
+    assert 15_000 < sum(p.numel() for p in model.parameters()) < 40_000  # comparable to the orthogonal CNN
+
+
+def test_opacus_baseline_spends_the_target_budget_on_digits():
+    splits = load_dataset("digits")
+    config = OpacusConfig(epsilon=3.0, epochs=1, batch_size=256, learning_rate=2.0, accountant="rdp")
+    result = train_opacus(groupnorm_cnn(splits.input_shape, 10), splits.train, splits.test, config, progress=False)
+    assert result.steps == -(-len(splits.train) // 256)  # Opacus: len(loader) steps per epoch
+    assert result.sample_rate == pytest.approx(1 / result.steps)
+    assert 2.9 < result.epsilon <= 3.0  # calibrated with lipdp's accountant, reported by it
+    assert 0.0 <= result.test_accuracy <= 1.0 and len(result.epoch_log) == 1
+
+
+def test_step_timer_times_training_steps_only():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with compare.StepTimer() as timer:
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(torch.rand(6, 4)).sum().backward()
+            optimizer.step()
+            with torch.no_grad():
+                model(torch.rand(6, 4))  # evaluation: not a step
+        optimizer.step()  # a step with no forward before it: ignored
+    model(torch.rand(6, 4))
+    optimizer.step()  # after the timer closed: ignored
+    assert len(timer.seconds) == 3 and timer.median() > 0
+
+
+def _fake_side(accuracy: float, step: float) -> dict:
+    return {"model": "m", "test_accuracy": accuracy, "epsilon": 2.99, "noise_multiplier": 1.1, "steps": 10,
+            "batch_size": 64, "train_seconds": 3.0, "process_seconds": 9.0, "median_step_seconds": step,
+            "timed_steps": 10, "peak_rss_bytes": 500 * 2**20, "torch_threads": 2,
+            "epoch_log": [{"epoch": 1, "test_accuracy": accuracy, "epsilon": 2.99, "seconds": 3.0}]}
+
+
+def test_compare_report_and_plot(tmp_path):
+    settings = compare.CompareSettings(dataset="digits", epochs=1)
+    results = {"lipdp": _fake_side(0.8, 0.01), "opacus": _fake_side(0.7, 0.02)}
+    text = compare.markdown_report(settings, results, compare.machine_description())
+    for expected in ("test accuracy", "80.00%", "median step time", "20.0 ms", "peak memory", "500 MiB",
+                     "process wall time", "epsilon spent", "2.990"):
+        assert expected in text
+    assert compare.plot(settings, results, tmp_path / "c.png").stat().st_size > 0
+
+
+def test_compare_command_line_matches_settings():
+    from lipdp.cli import build_parser
+
+    args = build_parser().parse_args(["compare", "--dataset", "digits", "--epochs", "2", "--opacus-lr", "3"])
+    assert (args.dataset, args.epochs, args.opacus_learning_rate, args.side) == ("digits", 2, 3.0, None)
+    assert set(compare.CompareSettings.__dataclass_fields__) - set(vars(args)) == {"progress"}
+
+
+@pytest.mark.parametrize("method", ["plain-orthogonal", "lipdp", "plain-cnn", "opacus-ghost", "opacus-hooks"])
+def test_measure_runs_each_method_in_process(method):
+    result = measure(Configuration(method, batch_size=8, steps=1, warmup=0))
+    assert result.status == "ok" and len(result.step_seconds) == 1
+    assert result.peak_rss_bytes >= result.setup_rss_bytes > 0
+    assert Measurement.from_dict(json.loads(json.dumps(result.to_dict()))) == result
+
+
+def _measurement(method: str, batch: int, seconds: float, peak_mib: int, status: str = "ok") -> Measurement:
+    ok = status == "ok"
+    return Measurement(Configuration(method, batch), status, [seconds] if ok else [], seconds if ok else None,
+                       peak_mib * 2**20, 400 * 2**20, 2 if ok else None)
+
+
+def test_batch_size_tables_and_largest_batch():
+    limit = 1000 * 2**20
+    measurements = [_measurement("lipdp", 64, 0.1, 500), _measurement("opacus-ghost", 64, 0.2, 600),
+                    _measurement("lipdp", 128, 0.15, 520), _measurement("opacus-ghost", 128, 0.0, 0, "oom")]
+    text = batch_size.markdown(measurements, ["lipdp", "opacus-ghost"], limit, 5, 2, [0.0, 0.0, 0.0])
+    assert "| 128 | 150.0 | oom |" in text
+    assert "| 64 | 500 (+100) | 600 (+200) |" in text
+    assert "| lipdp | orthogonal CNN, Adam, LipDPEngine | ≥ 128 |" in text
+    assert "| opacus-ghost | GroupNorm CNN, SGD, Opacus ghost clipping | 64 |" in text
+    assert "| 64 | 0.50 |" in text  # lipdp / fastest Opacus time
+
+
+def test_step_time_ratios():
+    measurements = [_measurement("plain-orthogonal", 256, 0.10, 500), _measurement("lipdp", 256, 0.11, 510),
+                    _measurement("lipdp", 256, 0.12, 520), _measurement("plain-orthogonal", 256, 0.10, 500)]
+    [row] = step_time.summarize(measurements)
+    assert row["time_ratio"] == pytest.approx(1.15) and row["memory_ratio"] == pytest.approx(515 / 500)
+    text = step_time.markdown([row], 2, 1, 0, {2}, [0.0, 0.0, 0.0])
+    assert "1.150 (misses ≤ 1.10)" in text and "1.030 (meets ≤ 1.05)" in text
+
+
+def test_results_sections_are_replaced_in_place(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    report.write_section("a", "first", path)
+    report.write_section("b", "second", path)
+    report.write_section("a", "third", path)
+    text = path.read_text()
+    assert text.startswith(report.HEADER) and "first" not in text
+    assert text.index("third") < text.index("second")
+
+
+@pytest.mark.slow
+def test_isolated_measurement_reports_out_of_memory():
+    tight = run_isolated(Configuration("plain-orthogonal", batch_size=8192, steps=1, warmup=0),
+                         memory_limit_bytes=10**9)
+    assert tight.status == "oom" and not tight.fits(10**9)
+    roomy = run_isolated(Configuration("plain-cnn", batch_size=16, steps=1, warmup=0), memory_limit_bytes=4 * 10**9)
+    assert roomy.fits(4 * 10**9) and roomy.median_step_seconds > 0
+
+
+@pytest.mark.slow
+def test_compare_end_to_end_on_digits(tmp_path):
+    settings = compare.CompareSettings(dataset="digits", epochs=1, lipdp_recipe="cnn", lipdp_batch_size=256,
+                                       opacus_batch_size=256, opacus_learning_rate=2.0, progress=False)
+    outcome = compare.compare(settings, tmp_path)
+    for side in compare.SIDES:
+        result = outcome["results"][side]
+        assert result["epsilon"] <= 3.0 and result["timed_steps"] == result["steps"]
+        assert result["peak_rss_bytes"] > 0 and result["process_seconds"] > result["train_seconds"]
+    assert {p.name for p in tmp_path.iterdir()} == {"compare.md", "compare.json", "compare.png"}
