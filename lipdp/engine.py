@@ -66,6 +66,7 @@ class LipDPEngine:
         self.optimizer: DPOptimizer | None = None
         self.data_loader: PoissonDataLoader | None = None
         self.mechanism: GradientMechanism | None = None
+        self.journal: StepJournal | None = None
         self._hooks: list = []
 
     # ----------------------------------------------------------------------------------------------
@@ -337,7 +338,7 @@ class LipDPEngine:
         self.noise_generator.set_state(state["noise_generator"])
         self.seed = state["seed"]
         mechanism.materialized.invalidate()
-        if mechanism.journal is not None:
+        if self.journal is not None:
             self._count_journaled_steps()
         return state.get("extra", {})
 
@@ -358,14 +359,16 @@ class LipDPEngine:
         Multi-process: call it on every rank with the same (shared) path; only rank 0 writes.
         """
         mechanism = self._require_attached()
-        if mechanism.journal is not None:
+        if self.journal is not None:
             raise RuntimeError("a journal is already attached to this engine")
-        mechanism.journal = StepJournal(path, fsync=fsync, writable=distributed.is_main_process())
+        writer = distributed.is_main_process()
+        self.journal = StepJournal(path, fsync=fsync, writable=writer)
+        mechanism.journal = self.journal if writer else None
         return self._count_journaled_steps()
 
     def _count_journaled_steps(self) -> int:
         """Add the journaled steps the accountant has not counted; if any, draw fresh randomness."""
-        journal = self._require_attached().journal
+        journal = self.journal
         counted = self.accountant.total_steps
         if journal.entries and journal.last_step < counted:
             raise ValueError(

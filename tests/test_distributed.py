@@ -18,7 +18,8 @@ from lipdp.sampling import PoissonBatchSampler
 ROOT = Path(__file__).resolve().parents[1]
 
 WORKER = textwrap.dedent("""
-    import json, torch
+    import json, sys, torch
+    from pathlib import Path
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
     from lipdp import LipDPEngine, distributed
@@ -27,6 +28,7 @@ WORKER = textwrap.dedent("""
     from lipdp.models import orthogonal_mlp
 
     distributed.init_from_env()
+    folder = Path(sys.argv[1])
 
     def private(model, dataset, batch_size, seed, wrap):
         if wrap:
@@ -45,11 +47,15 @@ WORKER = textwrap.dedent("""
         x = torch.randn(96, 8); x = x / x.norm(dim=1, keepdim=True); y = torch.randint(0, 3, (96,))
         engine, model, optimizer, loader, criterion = private(orthogonal_mlp(8, 3, hidden=(16,)),
                                                               TensorDataset(x, y), 16, 7, wrap)
+        name = "ddp" if wrap else "plain"
+        engine.attach_journal(folder / f"{name}.journal", fsync=False)  # rank 0 writes, all ranks read
         local_sizes = []
         for xb, yb in loader:
             local_sizes.append(len(xb))
             optimizer.zero_grad(); criterion(model(xb), yb).backward(); optimizer.step()
         params = torch.cat([p.detach().flatten() for p in model.parameters()])
+        engine.save_checkpoint(folder / f"{name}.pt")  # collective: rank 0 writes, the others wait
+        engine.load_checkpoint(folder / f"{name}.pt")  # every rank resumes from it (journal: nothing lost)
         # 2. Noise of the released (summed) gradient: zero gradients, so the release is the noise alone.
         torch.manual_seed(1)
         wide = nn.Sequential(InputNormClip(1.0), nn.Linear(64, 256))
@@ -78,7 +84,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_ranks(world: int, timeout: float = 180) -> list[dict]:
+def run_ranks(world: int, folder: Path, timeout: float = 180) -> list[dict]:
     """Run WORKER as ``world`` processes of one gloo group (the environment torchrun would set)."""
     port = _free_port()
     procs = []
@@ -86,7 +92,7 @@ def run_ranks(world: int, timeout: float = 180) -> list[dict]:
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
                    PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        procs.append(subprocess.Popen([sys.executable, "-c", WORKER], cwd=ROOT, env=env,
+        procs.append(subprocess.Popen([sys.executable, "-c", WORKER, str(folder)], cwd=ROOT, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
         results = [proc.communicate(timeout=timeout) for proc in procs]
@@ -116,16 +122,20 @@ def test_rank_out_of_range_is_refused():
 
 
 @pytest.fixture(scope="module")
-def runs() -> tuple[dict, list[dict]]:
-    (single,) = run_ranks(1)
-    return single, run_ranks(2)
+def runs(tmp_path_factory) -> tuple[dict, list[dict], Path]:
+    (single,) = run_ranks(1, tmp_path_factory.mktemp("single"))
+    folder = tmp_path_factory.mktemp("ranks")
+    return single, run_ranks(2, folder), folder
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("wrap", ["plain", "ddp"])
 def test_two_processes_are_one_mechanism_equal_to_the_single_process_run(runs, wrap):
-    single, ranks = runs
+    single, ranks, folder = runs
     single, ranks = single["plain"], [rank[wrap] for rank in ranks]
+    # one journal line per step, written by rank 0 alone; the checkpoint is whole and resumable on every rank
+    assert len((folder / f"{wrap}.journal").read_text().splitlines()) == 6
+    assert (folder / f"{wrap}.pt").exists()
     # ranks hold identical parameters after every step (bit for bit), and release the same noise draw
     assert ranks[0]["params"] == ranks[1]["params"]
     assert ranks[0]["noise_head"] == ranks[1]["noise_head"]
