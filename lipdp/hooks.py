@@ -32,6 +32,11 @@ class InputGuard:
         if not args or not isinstance(args[0], torch.Tensor):
             raise TypeError("lipdp models take one input tensor of shape (batch, *input_shape)")
         x = args[0]
+        if not x.is_floating_point():
+            raise TypeError(
+                f"input dtype {x.dtype} is not floating point: the norm bound is defined on real inputs. "
+                "Fix: convert the data with .float() (or the model's dtype)."
+            )
         if tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(
                 f"input of shape {tuple(x.shape)} does not match the per-sample shape {self.input_shape} the bounds "

@@ -230,6 +230,12 @@ def test_wrong_input_shape_is_refused():
         model(torch.zeros(4, 9))
 
 
+def test_integer_input_is_refused():
+    _, model, *_ = private_setup()
+    with pytest.raises(TypeError, match="floating point"):
+        model(torch.zeros(4, 8, dtype=torch.int64))
+
+
 def test_input_above_norm_bound_is_refused_without_clip_layer():
     model = nn.Sequential(nn.Linear(8, 3))
     _, model, *_ = private_setup(model)
