@@ -88,10 +88,19 @@ class KRLoss(nn.Module):
 
     def __init__(self, num_classes: int | None = None, reduction: str = "mean") -> None:
         super().__init__()
+        if num_classes is not None and num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         self.reduction = reduction
+        self.num_classes = num_classes
         self.lipschitz_constant = SQRT2 if num_classes is None else math.sqrt(num_classes / (num_classes - 1))
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        # The constant sqrt(K/(K-1)) decreases in K: logits with fewer classes than declared would exceed it.
+        if self.num_classes is not None and logits.shape[1] != self.num_classes:
+            raise ValueError(
+                f"KRLoss(num_classes={self.num_classes}) got logits with {logits.shape[1]} classes; its Lipschitz "
+                "constant is only valid for the declared number of classes."
+            )
         return _reduce(_kr_values(logits, target), self.reduction)
 
 
@@ -125,8 +134,11 @@ def loss_lipschitz(criterion: nn.Module) -> float:
     """Lipschitz constant of ``criterion`` in the logits, for one sample.
 
     lipdp losses (and any loss object with a float ``lipschitz_constant`` attribute) carry theirs.
-    ``nn.CrossEntropyLoss``: sqrt(2) as above, times max(weight) with class weights (sum reduction only:
-    the weighted mean divides by the batch's weights, which is data dependent). MSE and unknown losses are
+    ``nn.CrossEntropyLoss``: sqrt(2) as above, times max|weight| with class weights (sum reduction only:
+    the weighted mean divides by the batch's weights, which is data dependent). With weights w and smoothed
+    target q the logit gradient is a p - w*q, a = sum_c w_c q_c; it is convex in the probability vector p, so
+    its norm is largest at a vertex p = e_j, where it is (sum_{c!=j} w_c q_c)^2 + sum_{c!=j} w_c^2 q_c^2
+    <= max|w|^2 ((1 - q_j)^2 + (1 - q_j)^2) <= 2 max|w|^2, whatever the signs of the weights. MSE and unknown losses are
     refused (use ``loss_grad_clip`` in the engine to make any loss's gradient bounded).
     """
     constant = getattr(criterion, "lipschitz_constant", None)

@@ -57,6 +57,31 @@ def validate(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> li
             errors.append(error)
             continue
         pending.extend(rule.children(module))
+    return errors + _tied_parameter_errors(model)
+
+
+def _tied_parameter_errors(model: nn.Module) -> list[UnsupportedModuleError]:
+    """A trainable tensor reachable under several names (a module reused at several places, or tied weights).
+
+    Its per-sample gradient is the sum of one term per use, while the rules bound each use on its own (and
+    the report keeps one name): the bound would miss the other uses. Refused rather than summed, since the
+    uses may also see inputs of different shapes.
+    """
+    uses: dict[nn.Parameter, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if parameter.requires_grad:
+            uses.setdefault(parameter, []).append(name)
+    errors = []
+    for names in uses.values():
+        if len(names) > 1:
+            path = names[1].rpartition(".")[0]
+            module = model.get_submodule(path) if path else model
+            errors.append(UnsupportedModuleError(
+                path, module,
+                f"parameter {names[0]} is also used as {', '.join(names[1:])} (a module reused, or tied weights): "
+                "one sample's gradient sums over the uses, but each use is bounded on its own.",
+                "use a separate module instance (its own parameters) at each place.",
+            ))
     return errors
 
 

@@ -24,25 +24,34 @@ from lipdp.bounds.registry import (
 from lipdp.bounds.spectral import DEFAULT_CACHE, CertifiedNormCache
 
 
-def record_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[nn.Module, tuple]:
-    """Per-sample input and output shapes of every submodule, from one forward pass on a zero sample."""
-    shapes: dict[nn.Module, tuple] = {}
+def record_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[nn.Module, tuple | None]:
+    """Per-sample input and output shapes of every submodule, from one forward pass on a zero sample.
+
+    A module called several times on different shapes (one instance reused at two places) is recorded as
+    ``None``: rules whose bound depends on the shape then refuse it instead of using one of the shapes.
+    Every submodule's train/eval flag is restored as it was (``model.train(flag)`` would reset all of them to
+    the root's flag and could, e.g., switch a Dropout the user had put in eval mode back to training mode
+    after it passed validation).
+    """
+    shapes: dict[nn.Module, tuple | None] = {}
 
     def hook(module, args, output):
         if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
-            shapes[module] = (tuple(args[0].shape[1:]), tuple(output.shape[1:]))
+            record = (tuple(args[0].shape[1:]), tuple(output.shape[1:]))
+            shapes[module] = record if shapes.get(module, record) == record else None
 
+    modes = [(m, m.training) for m in model.modules()]
     handles = [m.register_forward_hook(hook) for m in model.modules()]
     try:
         parameter = next(model.parameters(), None)
         dtype = parameter.dtype if parameter is not None else torch.float32
         device = parameter.device if parameter is not None else "cpu"
-        was_training = model.training
         model.eval()
         with torch.no_grad():
             model(torch.zeros((1, *input_shape), dtype=dtype, device=device))
-        model.train(was_training)
     finally:
+        for module, training in modes:
+            module.training = training
         for handle in handles:
             handle.remove()
     return shapes
@@ -75,8 +84,13 @@ class BoundContext:
         """Per-sample input shape of ``module``; a clear error when the analysis was given none."""
         if module not in self._shapes:
             raise ValueError(
-                f"{self.path(module)} ({type(module).__name__}) needs the input's spatial size for its bound: "
-                "pass input_shape=(C, H, W) (one sample's shape)."
+                f"{self.path(module)} ({type(module).__name__}) needs the input's shape for its bound: "
+                "pass input_shape (one sample's shape, e.g. (C, H, W))."
+            )
+        if self._shapes[module] is None:
+            raise ValueError(
+                f"{self.path(module)} ({type(module).__name__}) is called on inputs of different shapes and its "
+                "bound depends on the shape. Fix: use a separate instance at each place."
             )
         return self._shapes[module][0]
 

@@ -83,12 +83,38 @@ def register_bound_rule(*module_types: type) -> Callable[[type[BoundRule]], type
     return decorate
 
 
-def find_rule(module: nn.Module) -> BoundRule | None:
-    """The rule registered for the module's type, or for its nearest registered base class."""
+# Methods that define what a module computes. A rule registered for a class describes that class's
+# computation; a subclass that redefines one of them (e.g. an ``nn.Sequential`` subclass whose forward adds a
+# skip connection, whose Lipschitz constant is 1 + Lip(f), not Lip(f)) computes something else.
+_BEHAVIOUR_METHODS = ("forward", "_conv_forward")
+
+
+def _registered_base(module: nn.Module) -> type | None:
     for cls in type(module).__mro__:
         if cls in _RULES:
-            return _RULES[cls]
+            return cls
     return None
+
+
+def _overridden_method(module: nn.Module, base: type) -> str | None:
+    """A behaviour method that ``type(module)`` redefines below the registered class ``base``, if any."""
+    for name in _BEHAVIOUR_METHODS:
+        owner = next((cls for cls in type(module).__mro__ if name in vars(cls)), None)
+        if owner is not None and owner is not base and issubclass(owner, base):
+            return name
+    return None
+
+
+def find_rule(module: nn.Module) -> BoundRule | None:
+    """The rule registered for the module's type, or for its nearest registered base class.
+
+    A subclass inherits its base's rule only if it keeps the base's computation (does not redefine
+    ``forward``/``_conv_forward``); orthogonium's layers only change how ``weight`` is built, so they do.
+    """
+    base = _registered_base(module)
+    if base is None or _overridden_method(module, base) is not None:
+        return None
+    return _RULES[base]
 
 
 class _ProtocolAdapter(BoundRule):
@@ -141,6 +167,16 @@ KNOWN_UNSUPPORTED: dict[tuple[type, ...], tuple[str, str]] = {
 
 
 def refusal_for(module: nn.Module) -> tuple[str, str] | None:
+    base = _registered_base(module)
+    if base is not None:
+        method = _overridden_method(module, base)
+        if method is not None:
+            return (
+                f"it subclasses {base.__name__} but redefines {method}, so {base.__name__}'s bound rule does not "
+                "describe what it computes.",
+                "implement lipschitz/output_bound/param_sensitivities on the class (derive them), or register a "
+                "rule for it with @lipdp.register_bound_rule(YourModule).",
+            )
     for types, reason_fix in KNOWN_UNSUPPORTED.items():
         if isinstance(module, types):
             return reason_fix

@@ -6,7 +6,9 @@
 * orthogonium ``MaxMin`` (GroupSort of size 2): per input a permutation, so Lip = 1 and ||h(a)|| = ||a||.
 * Dropout in eval mode is the identity; in train mode it is refused (random rescaling by 1/(1-p)).
 * MaxPool2d: each output is the max of one patch, |max(u) - max(v)| <= ||u - v||, and every input pixel is in
-  at most m patches, so Lip <= sqrt(m) and ||h(a)|| <= sqrt(m) ||a|| (m = 1 when kernel == stride).
+  at most m patches, so Lip <= sqrt(m) and ||h(a)|| <= sqrt(m) ||a|| (m = 1 when kernel == stride). The
+  padding is -inf, so a window with at least one real pixel maps 0 to 0 and padded taps do not count; m is
+  counted on the real output windows (ceil_mode=True included).
 """
 
 from __future__ import annotations
@@ -58,4 +60,6 @@ class MaxPool2dRule(BoundRule):
             groups=1,
             input_hw=tuple(ctx.input_shape_of(module)[-2:]),
         )
-        return math.sqrt(geometry.patch_count(pair(module.kernel_size)))
+        # The recorded output size, not the floor formula: with ceil_mode=True torch adds a last window
+        # that runs past the input, and it can make some pixel belong to one more window.
+        return math.sqrt(geometry.patch_count(pair(module.kernel_size), ctx.output_shape_of(module)[-2:]))

@@ -69,14 +69,16 @@ class ConvGeometry:
             for n, p, k, s, d in zip(self.input_hw, pads, kernel_hw, self.stride, self.dilation)
         )
 
-    def patch_count(self, kernel_hw: tuple[int, int]) -> int:
+    def patch_count(self, kernel_hw: tuple[int, int], output_hw: tuple[int, int] | None = None) -> int:
         """Max over input pixels of the number of (kernel tap, output position) pairs that read it.
 
         It is the factor in the conv weight-gradient bound and in the Frobenius bound of the operator
         norm. Counted exactly on this geometry (separable: product of the two 1-D counts). Without
         wrap-around it is at most ceil(k / (s / gcd(d, s))) per axis, never above k.
+        ``output_hw``: the real output size when it is not ``output_hw()`` (max pooling with ceil_mode=True
+        adds windows that run past the end; taps outside the input read padding and are not counted).
         """
-        out_hw = self.output_hw(kernel_hw)
+        out_hw = self.output_hw(kernel_hw) if output_hw is None else tuple(output_hw)
         count = 1
         for axis in range(2):
             n, k, s, d = self.input_hw[axis], kernel_hw[axis], self.stride[axis], self.dilation[axis]
