@@ -42,8 +42,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
+from orthogonium.layers import AdaptiveOrthoConv2d, MaxMin, OrthoLinear
+
 from lipdp.bounds import lipschitz_constant
 from lipdp.datasets import load_dataset, train_validation_split
+from lipdp.engine import LipDPEngine
+from lipdp.layers import InputNormClip, L2NormPool2d
 from lipdp.models import orthogonal_cnn, orthogonal_mlp
 from lipdp.one_class import (
     BallPrior,
@@ -82,22 +86,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--validation-fraction", type=float, default=0.25,
                       help="share of the training split held out with --split validation")
     data.add_argument("--data-seed", type=int, default=0, help="seed of the train/test and train/validation splits")
-    data.add_argument("--preprocess", choices=("scale", "sphere", "lift"), default="lift",
-                      help="per-sample input map (module doc)")
-    data.add_argument("--input-norm", type=float, default=30.0,
-                      help="X: radius of the sphere (sphere, lift), or the model's input clipping norm (scale)")
+    data.add_argument("--preprocess", choices=("scale", "sphere", "lift"), default=None,
+                      help="per-sample input map (module doc); default: lift for tables, scale for images")
+    data.add_argument("--input-norm", type=float, default=None,
+                      help="X: radius of the sphere (sphere, lift), or the model's input clipping norm (scale); "
+                           "default: 30 for tables, sqrt(C H W) for images (the norm of an all-ones image)")
     data.add_argument("--scale", type=float, default=1.0, help="constant factor s of --preprocess scale")
     data.add_argument("--lift-constant", type=float, default=10.0, help="c, the extra coordinate of --preprocess lift")
 
     model = p.add_argument_group("model and loss")
     model.add_argument("--hidden", type=int, nargs="*", default=[64, 64], help="MLP hidden widths (tabular data)")
-    model.add_argument("--widths", type=int, nargs="+", default=[16, 32, 64], help="CNN stage widths (images)")
-    model.add_argument("--margin", type=float, default=0.2, help="HKR hinge margin m")
-    model.add_argument("--lam", type=float, default=100.0, help="HKR hinge weight lambda (loss Lipschitz = 1 + lambda)")
+    model.add_argument("--widths", type=int, nargs="+", default=[8, 16],
+                       help="CNN stages (images): orthogonal 3x3 conv -> MaxMin -> 2x2 L2-norm pooling, per width")
+    model.add_argument("--cnn-head", choices=("dense", "global"), default="dense",
+                       help="dense: flatten -> orthogonal dense -> MaxMin -> orthogonal dense (keeps where things "
+                            "are); global: lipdp.models.orthogonal_cnn (global L2 pooling -> orthogonal linear)")
+    model.add_argument("--cnn-hidden", type=int, default=64, help="width of the dense head's hidden layer")
+    model.add_argument("--margin", type=float, default=None, help="HKR hinge margin m; default: 0.2 for tables, "
+                       "1 for images (chosen on validation splits of breast_cancer and Fashion-MNIST class 0)")
+    model.add_argument("--lam", type=float, default=0.3,
+                       help="HKR hinge weight lambda; the loss Lipschitz constant, hence the noise, is 1 + lambda")
 
     neg = p.add_argument_group("negatives (public: they depend on the model alone)")
-    neg.add_argument("--prior", choices=("box", "ball", "sphere"), default="sphere",
-                     help="Q_0: uniform in [--prior-low, --prior-high]^d, in the ball of radius X, or on its sphere")
+    neg.add_argument("--prior", choices=("box", "ball", "sphere"), default=None,
+                     help="Q_0: uniform in [--prior-low, --prior-high]^d, in the ball of radius X, or on its "
+                          "sphere; default: sphere for tables, box (pixels in [0, 1]) for images")
     neg.add_argument("--prior-low", type=float, default=0.0, help="box prior lower corner (a public constant)")
     neg.add_argument("--prior-high", type=float, default=1.0, help="box prior upper corner (a public constant)")
     neg.add_argument("--no-fold", dest="fold", action="store_false",
@@ -110,7 +123,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     neg.add_argument("--negatives-per-step", type=int, default=None, help="default: the expected batch size")
 
     train = p.add_argument_group("training")
-    train.add_argument("--epochs", type=int, default=50)
+    train.add_argument("--epochs", type=int, default=None, help="default: 50 for tables, 5 for images")
     train.add_argument("--batch-size", type=int, default=64, help="expected (Poisson, if private) batch size")
     train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     train.add_argument("--ema-decay", type=float, default=None,
@@ -162,6 +175,7 @@ class Task:
     input_shape: tuple[int, ...]
     image: bool
     raw_radius_factor: float | None  # raw-unit radius per unit of model-input radius (None: no global one)
+    raw: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # train, normal, anomaly as the loader gives them
 
 
 def preprocess(x: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
@@ -191,6 +205,21 @@ def raw_radius_factor(args: argparse.Namespace) -> float | None:
     return None
 
 
+def resolve_defaults(args: argparse.Namespace, input_shape: tuple[int, ...]) -> None:
+    """Fill the options whose default depends on the kind of data (tables or images)."""
+    image = len(input_shape) == 3
+    if args.preprocess is None:
+        args.preprocess = "scale" if image else "lift"
+    if args.prior is None:
+        args.prior = "box" if image else "sphere"
+    if args.input_norm is None:
+        args.input_norm = math.sqrt(math.prod(input_shape)) if image else 30.0
+    if args.margin is None:
+        args.margin = 1.0 if image else 0.2
+    if args.epochs is None:
+        args.epochs = 5 if image else 50
+
+
 def load_tasks(args: argparse.Namespace) -> list[Task]:
     splits = load_dataset(args.dataset, root=args.data_root, seed=args.data_seed)
     if args.split == "validation":
@@ -198,15 +227,18 @@ def load_tasks(args: argparse.Namespace) -> list[Task]:
     else:
         train, evaluation = splits.train, splits.test
     (x_train, y_train), (x_eval, y_eval) = train.tensors, evaluation.tensors
-    classes = list(range(splits.num_classes)) if args.normal_class == ["all"] else [int(c) for c in args.normal_class]
     image = len(splits.input_shape) == 3
+    resolve_defaults(args, splits.input_shape)
+    if args.epochs < 0:
+        raise ValueError(f"--epochs must be >= 0, got {args.epochs}")
+    classes = list(range(splits.num_classes)) if args.normal_class == ["all"] else [int(c) for c in args.normal_class]
     tasks = []
     for c in classes:
         if not 0 <= c < splits.num_classes:
             raise ValueError(f"--normal-class {c} is not a class of {args.dataset} (0..{splits.num_classes - 1})")
-        x_tr = preprocess(x_train[y_train == c], args)
-        tasks.append(Task(c, x_tr, preprocess(x_eval[y_eval == c], args), preprocess(x_eval[y_eval != c], args),
-                          tuple(x_tr.shape[1:]), image, raw_radius_factor(args)))
+        raw = (x_train[y_train == c], x_eval[y_eval == c], x_eval[y_eval != c])
+        x_tr, x_normal, x_anomaly = (preprocess(t, args) for t in raw)
+        tasks.append(Task(c, x_tr, x_normal, x_anomaly, tuple(x_tr.shape[1:]), image, raw_radius_factor(args), raw))
     log.info("%s (%s split): %s", splits.name, args.split, splits.description)
     return tasks
 
@@ -214,15 +246,30 @@ def load_tasks(args: argparse.Namespace) -> list[Task]:
 # ------------------------------------------------------------------------------------------------ model
 
 
-def input_norm_bound(task: Task, args: argparse.Namespace) -> float:
-    """X_0 for the engine: every sample has norm X exactly (sphere, lift); ``scale`` clips at X in the model."""
-    return args.input_norm
+def orthogonal_cnn_dense_head(
+    input_shape: tuple[int, ...], widths: list[int], hidden: int, input_norm_bound: float
+) -> nn.Sequential:
+    """InputNormClip -> [AOC conv 3x3 -> MaxMin -> 2x2 L2-norm pooling]* -> flatten -> OrthoLinear -> MaxMin ->
+    OrthoLinear(1). Every block is 1-Lipschitz (orthogonium layers, permutations, non-overlapping pooling)."""
+    channels, height, width = input_shape
+    layers: list[nn.Module] = [InputNormClip(input_norm_bound)]
+    for out_channels in widths:
+        layers += [AdaptiveOrthoConv2d(channels, out_channels, 3, padding="same", padding_mode="zeros", bias=False),
+                   MaxMin()]
+        channels = out_channels
+        if min(height, width) >= 2:
+            layers.append(L2NormPool2d(2))
+            height, width = height // 2, width // 2
+    layers += [nn.Flatten(), OrthoLinear(channels * height * width, hidden), MaxMin(), OrthoLinear(hidden, 1)]
+    return nn.Sequential(*layers)
 
 
 def build_model(task: Task, args: argparse.Namespace) -> nn.Module:
-    bound = input_norm_bound(task, args)
-    if task.image:
+    bound = args.input_norm  # X_0: every sample has norm X (sphere, lift) or is clipped to X (scale)
+    if task.image and args.cnn_head == "global":
         return orthogonal_cnn(task.input_shape, 1, widths=args.widths, input_norm_bound=bound)
+    if task.image:
+        return orthogonal_cnn_dense_head(task.input_shape, args.widths, args.cnn_hidden, bound)
     return orthogonal_mlp(task.input_shape[0], 1, hidden=args.hidden, input_norm_bound=bound)
 
 
@@ -252,13 +299,11 @@ def train_detector(task: Task, args: argparse.Namespace, seed: int, epsilon: flo
                             generator=torch.Generator().manual_seed(seed))
         divisor = 1.0
     else:
-        from lipdp.engine import LipDPEngine
-
         engine = LipDPEngine(accountant=args.accountant, seed=seed)
         model, optimizer, loader = engine.make_private_with_epsilon(
             module=model, optimizer=optimizer, data_loader=DataLoader(dataset, batch_size=batch_size),
             criterion=criterion, target_epsilon=epsilon, target_delta=args.delta, epochs=args.epochs,
-            input_norm_bound=input_norm_bound(task, args), input_shape=task.input_shape, loss_reduction="sum",
+            input_norm_bound=args.input_norm, input_shape=task.input_shape, loss_reduction="sum",
             noise_strategy=args.noise_strategy,
         )
         divisor = float(loader.expected_batch_size)
@@ -303,10 +348,10 @@ def evaluate(model: nn.Module, task: Task, args: argparse.Namespace, seed: int) 
 
 
 def isolation_forest(task: Task, seed: int) -> float:
-    forest = IsolationForest(random_state=seed).fit(task.train.flatten(1).numpy())
-    normal = torch.from_numpy(forest.score_samples(task.normal.flatten(1).numpy()))
-    anomaly = torch.from_numpy(forest.score_samples(task.anomaly.flatten(1).numpy()))
-    return auroc(normal, anomaly)
+    """Non-private scikit-learn IsolationForest (default settings) on the loader's features (no --preprocess)."""
+    train, normal, anomaly = (t.flatten(1).numpy() for t in task.raw)
+    forest = IsolationForest(random_state=seed).fit(train)
+    return auroc(torch.from_numpy(forest.score_samples(normal)), torch.from_numpy(forest.score_samples(anomaly)))
 
 
 # ---------------------------------------------------------------------------------------------- report

@@ -356,3 +356,20 @@ def test_recipe_end_to_end_on_breast_cancer(tmp_path):
             assert value >= run["attack_subset"]["certified"][r] - 1e-12
     assert result["private"]["epsilon"] <= 8.0 + 1e-6 and result["private"]["delta"] == 1e-5
     assert 0.0 <= result["isolation_forest"] <= 1.0
+
+
+@pytest.mark.slow
+def test_recipe_end_to_end_on_digits_images():
+    """The image path: orthogonal CNN with a dense head, box prior, radii in raw pixel units (16 per unit)."""
+    pytest.importorskip("lipdp.engine")
+    from recipes import one_class
+
+    (result,) = one_class.main([
+        "--dataset", "digits", "--normal-class", "3", "--epsilon", "8", "--epochs", "2", "--batch-size", "32",
+        "--newton-steps", "2", "--radii", "0", "0.5", "--quiet",
+    ])
+    run = result["private"]
+    assert result["raw_radius_factor"] == 16.0  # digits: pixel values 0..16, scaled by 1/16 in the loader
+    assert 0.0 <= run["auroc"] <= 1.0 and run["lipschitz"] <= 1.0 + 1e-3
+    assert run["certified"]["0.0"] == run["auroc"] >= run["certified"]["0.5"]
+    assert run["epsilon"] <= 8.0 + 1e-6
