@@ -16,6 +16,7 @@ range), and the steps use the current parameters, which are public; so Q depends
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Sequence
 
 import torch
@@ -24,7 +25,7 @@ from torch import nn
 __all__ = ["BallPrior", "BoxPrior", "NegativeSampler", "Prior"]
 
 
-class Prior:
+class Prior(ABC):
     """A public distribution Q_0 over inputs of shape ``shape``, with a projection back onto its support."""
 
     def __init__(self, shape: Sequence[int]) -> None:
@@ -33,11 +34,13 @@ class Prior:
             raise ValueError(f"shape must be a non-empty tuple of positive sizes, got {shape}")
         self.shape = shape
 
+    @abstractmethod
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        raise NotImplementedError
+        """``n`` independent draws, shape (n, *shape)."""
 
+    @abstractmethod
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The nearest points of the support (a map applied after every Newton step)."""
 
 
 class BoxPrior(Prior):

@@ -40,11 +40,9 @@ def _as_scores(values: torch.Tensor, name: str) -> torch.Tensor:
     return values
 
 
-def _check_radius(radius: float, lipschitz: float) -> None:
+def _check_radius(radius: float) -> None:
     if not (math.isfinite(radius) and radius >= 0):
         raise ValueError(f"radius must be finite and >= 0, got {radius}")
-    if not (math.isfinite(lipschitz) and lipschitz > 0):
-        raise ValueError(f"lipschitz must be finite and > 0, got {lipschitz}")
 
 
 def auroc(normal_scores: torch.Tensor, anomaly_scores: torch.Tensor) -> float:
@@ -62,7 +60,9 @@ def certified_auroc(
 
     ``lipschitz`` is a certified upper bound of f's Lipschitz constant (e.g. ``lipdp.lipschitz_constant``).
     """
-    _check_radius(radius, lipschitz)
+    _check_radius(radius)
+    if not (math.isfinite(lipschitz) and lipschitz > 0):
+        raise ValueError(f"lipschitz must be finite and > 0, got {lipschitz}")
     shift = lipschitz * radius
     return auroc(_as_scores(normal_scores, "normal_scores") - shift, _as_scores(anomaly_scores, "anomaly_scores") + shift)
 
@@ -87,7 +87,7 @@ def attack_scores(
 ) -> torch.Tensor:
     """Scores after an L2 PGD attack of radius ``radius`` (``lipdp.attacks.l2_pgd``) that lowers the score
     of normal samples (``normal=True``) or raises the score of anomalies (``normal=False``)."""
-    _check_radius(radius, 1.0)
+    _check_radius(radius)
     sign = -1.0 if normal else 1.0
     objective = lambda z: sign * model(z).reshape(-1)  # noqa: E731
     out = []
