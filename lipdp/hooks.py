@@ -18,14 +18,27 @@ from lipdp.layers import InputNormClip
 NORM_TOLERANCE = 1e-5
 
 
+_RESHAPES = (nn.Flatten, nn.Unflatten, nn.Identity)
+
+
+def _leading_input_clip(model: nn.Module) -> InputNormClip | None:
+    """The ``InputNormClip`` every input passes first (after reshapes only), if the model starts with one."""
+    module = model
+    while isinstance(module, nn.Sequential):
+        children = [child for child in module if not isinstance(child, _RESHAPES)]
+        module = children[0] if children else None
+    return module if isinstance(module, InputNormClip) else None
+
+
 class InputGuard:
     """Forward pre-hook that checks every training input at the boundary."""
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...], input_norm_bound: float) -> None:
         self.input_shape = tuple(input_shape)
         self.input_norm_bound = input_norm_bound
-        first = next(iter(model.children()), None) if isinstance(model, nn.Sequential) else None
-        self.model_clips_inputs = isinstance(first, InputNormClip) and first.output_bound(float("inf")) <= input_norm_bound
+        clip = _leading_input_clip(model)
+        # Sound only if the clip is at most the declared bound: the analysis assumes ||x|| <= input_norm_bound.
+        self.model_clips_inputs = clip is not None and clip.output_bound(float("inf")) <= input_norm_bound
         self.handle = model.register_forward_pre_hook(self)
 
     def __call__(self, module: nn.Module, args: tuple) -> None:

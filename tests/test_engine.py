@@ -230,6 +230,19 @@ def test_wrong_input_shape_is_refused():
         model(torch.zeros(4, 9))
 
 
+def test_inputs_above_the_bound_pass_when_the_model_clips_them_after_a_flatten():
+    model = orthogonal_mlp(8, 3, hidden=(16,))  # Flatten -> InputNormClip -> ...
+    _, model, *_ = private_setup(model)
+    assert model(torch.full((2, 8), 10.0)).shape == (2, 3)
+
+
+def test_a_clip_layer_wider_than_the_declared_bound_does_not_excuse_large_inputs():
+    model = nn.Sequential(nn.Flatten(), InputNormClip(5.0), nn.Linear(8, 3))  # declared bound is 1.0
+    _, model, *_ = private_setup(model)
+    with pytest.raises(ValueError, match="input_norm_bound"):
+        model(torch.full((2, 8), 10.0))
+
+
 def test_integer_input_is_refused():
     _, model, *_ = private_setup()
     with pytest.raises(TypeError, match="floating point"):
