@@ -375,7 +375,7 @@ def adversarial_search(
     (a) ``random_samples`` inputs uniformly on the sphere of ``radius``; (b) projected normalised gradient
     ascent, ``restarts`` starts per term, on the input (sphere of ``radius``) and, for the linear loss, on u
     (sphere of ``loss_lipschitz``), each start maximising its term divided by its claim. Labels (real
-    criterion) are random per start and fixed along its path.
+    criterion) are random for (a) and cycle over the classes across the starts of (b), fixed along a path.
     """
     n_terms = claims.numel()
     dtype = torch.float64
@@ -393,7 +393,8 @@ def adversarial_search(
 
     # One start per (term, restart); start r of each term begins from a different random point.
     count = n_terms * restarts
-    x, u, t = draw(count)
+    x, u, _ = draw(count)
+    t = torch.arange(count) % num_outputs  # labels cycle over the starts of each term (worst label search)
     which = torch.arange(n_terms).repeat_interleave(restarts)
     scale = claims.clamp_min(1e-12)[which] ** 2
     for step in range(steps):

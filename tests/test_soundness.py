@@ -49,7 +49,7 @@ def _num_outputs(model64: nn.Module, input_shape) -> int:
 
 def _assert_same_function(model: nn.Module, model64: nn.Module, input_shape, radius: float) -> None:
     """The materialised copy computes what the model computes (so its gradients are the real ones)."""
-    x = torch.randn(8, *input_shape)
+    x = torch.randn(8, *input_shape, generator=torch.Generator().manual_seed(0))
     x = x * (radius / x.flatten(1).norm(dim=1)).view(-1, *[1] * len(input_shape))
     with torch.no_grad():
         expected = model(x).double()
@@ -73,7 +73,7 @@ def test_random_architecture(seed: int) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(N_ARCHITECTURES, N_ARCHITECTURES + 400))
 def test_random_architecture_extended(seed: int) -> None:
-    """400 more architectures with a longer search (about 15 CPU minutes)."""
+    """400 more architectures with a longer search (about 12 CPU minutes)."""
     check_architecture(seed, restarts=4, steps=80)
 
 
@@ -118,7 +118,7 @@ def check_architecture(seed: int, restarts: int = 3, steps: int = 40) -> None:
         dtype=torch.float64,
     )
     observed_ce = adversarial_search(truth_ce, shape, radius, criterion.lipschitz_constant, claims_ce,
-                                     _num_outputs(model64, shape), generator, restarts=2, steps=15,
+                                     _num_outputs(model64, shape), generator, restarts=3, steps=15,
                                      random_samples=32)
     problems = _violations(names, observed_ce, claims_ce)
     assert not problems, f"bound violated (cross-entropy) for {arch!r}\n" + "\n".join(problems)

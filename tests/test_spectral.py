@@ -176,25 +176,24 @@ def test_dense_norm_certified(seed: int) -> None:
     assert dense_operator_norm(weight) >= torch.linalg.svdvals(weight.double()).max().item()
 
 
-def _drift_cases():
-    torch.manual_seed(0)
-    plain_conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, padding_mode="zeros")
-    circular_conv = nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular", groups=2)
-    ortho_conv = AdaptiveOrthoConv2d(2, 4, 3, padding="same", padding_mode="circular", bias=False)
+def _drift_case(case: int) -> tuple[str, nn.Module, tuple[int, ...]]:
+    torch.manual_seed(case)
     return [
-        ("plain conv", plain_conv, (3, 6, 6)),
-        ("circular grouped conv", circular_conv, (2, 6, 6)),
-        ("orthogonium conv", ortho_conv, (2, 6, 6)),
-        ("plain dense", nn.Linear(5, 4), (5,)),
-        ("orthogonium dense", OrthoLinear(5, 4), (5,)),
-    ]
+        lambda: ("plain conv", nn.Conv2d(3, 4, 3, stride=2, padding=1, padding_mode="zeros"), (3, 6, 6)),
+        lambda: ("circular grouped conv", nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular", groups=2),
+                 (2, 6, 6)),
+        lambda: ("orthogonium conv",
+                 AdaptiveOrthoConv2d(2, 4, 3, padding="same", padding_mode="circular", bias=False), (2, 6, 6)),
+        lambda: ("plain dense", nn.Linear(5, 4), (5,)),
+        lambda: ("orthogonium dense", OrthoLinear(5, 4), (5,)),
+    ][case]()
 
 
 @pytest.mark.parametrize("case", range(5))
 def test_weyl_drift_cache_stays_certified(case: int) -> None:
     """CertifiedNormCache between refreshes: bound = exact(W0) + c ||W - W0||_F must stay >= the real
     operator norm and >= a fresh exact computation as an optimiser moves the weights."""
-    name, layer, shape = _drift_cases()[case]
+    name, layer, shape = _drift_case(case)
     model = nn.Sequential(layer)
     cache = CertifiedNormCache(refresh_tolerance=1e9)  # never refresh: always the drift path
     optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
