@@ -393,6 +393,15 @@ def summarise(results: list[dict], args: argparse.Namespace) -> str:
             if per_class:
                 means = [statistics.mean(v) for v in per_class.values()]
                 lines.append(f"mean over {len(means)} classes, {method}: AUROC {statistics.mean(means):.3f}")
+    private = [r["private"] for r in results if "private" in r]
+    if private:
+        sigmas = sorted({round(p["noise_multiplier"], 4) for p in private})
+        rates = sorted({round(p["sample_rate"], 4) for p in private})
+        lines.append(
+            f"privacy: (eps, delta) = ({max(p['epsilon'] for p in private):.4g}, {private[0]['delta']:.0e}) per "
+            f"run ({args.accountant} accountant), noise multiplier {', '.join(map(str, sigmas))}, sample rate "
+            f"{', '.join(map(str, rates))}, {private[0]['steps']} steps; loss Lipschitz 1 + lambda = {1 + args.lam:g}"
+        )
     attacks = [(r["normal_class"], m, r[m]["attack_subset"]) for r in results for m in ("nonprivate", "private")
                if m in r and "attack_subset" in r[m]]
     if attacks:
