@@ -109,7 +109,11 @@ def run_bounds(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    """The main job in under 5 minutes: Fashion-MNIST (digits if absent) at (3, 1e-5)-DP with the classify recipe's
+    fast variant (pixels -> InputNormClip -> Lipschitz linear head, min-energy noise). The most accurate variant,
+    a scattering front end, is ``python -m recipes.classify`` (its features take minutes to compute once)."""
     from lipdp.datasets import DatasetNotFoundError, load_dataset
+    from recipes.classify import markdown_table, run
 
     try:
         load_dataset("fashion-mnist")
@@ -117,8 +121,18 @@ def run_demo(args: argparse.Namespace) -> int:
     except DatasetNotFoundError as missing:
         print(f"Fashion-MNIST not found ({missing}); the demo uses scikit-learn's digits instead.")
         dataset = "digits"
-    argv = ["train", "--dataset", dataset, "--epsilon", "3", "--delta", "1e-5"]
-    return main(argv + (["--no-progress"] if args.no_progress else []))
+    epochs = 10 if dataset == "fashion-mnist" else 30
+    batch_size = 4096 if dataset == "fashion-mnist" else 512
+    print(f"lipdp demo: private training on {dataset} at (epsilon=3, delta=1e-5), linear Lipschitz head on pixels, "
+          f"{epochs} epochs, expected batch {batch_size}")
+    result = run(dataset, epsilon=3.0, delta=1e-5, front_end="pixels", head="linear", epochs=epochs,
+                 batch_size=batch_size, progress=not args.no_progress)
+    print(result["description"])
+    print(markdown_table([result]))
+    print(f"\ntest accuracy {result['accuracy']:.4f} at (epsilon = {result['epsilon']:.3f}, delta = 1e-5), "
+          f"noise multiplier {result['noise_multiplier']:.3f}, {result['steps']} steps, "
+          f"{result['train_seconds']:.0f} s of training. Certified accuracy: correct with a certified L2 radius.")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     bounds.add_argument("--input-norm-bound", type=float, default=1.0, help="bound X0 on each input's L2 norm")
     bounds.set_defaults(func=run_bounds)
     demo = sub.add_parser("demo", help="the main job: private training on Fashion-MNIST (or digits) at eps=3",
-                          description="Private training at (3, 1e-5)-DP on Fashion-MNIST if installed, else digits.")
+                          description="Private training at (3, 1e-5)-DP on Fashion-MNIST if installed, else digits; "
+                                      "prints test accuracy, certified accuracy and the privacy spent.")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(func=run_demo)
     from recipes.compare import add_compare_arguments, run_compare
