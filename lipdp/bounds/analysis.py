@@ -23,16 +23,15 @@ def sensitivity_keys(model: nn.Module) -> dict[str, str]:
     Plain parameters keep their name. Every raw tensor that builds a reparametrised weight maps to the
     materialised weight's name (``path.weight``): bounds hold for the gradient of the materialised W only.
     """
-    keys: dict[str, str] = {}
-    owners = {name: module for name, module in model.named_modules() if is_reparametrized(module)}
-    for name, _ in model.named_parameters():
-        keys[name] = name
-    for owner_name, module in owners.items():
-        prefix = f"{owner_name}." if owner_name else ""
-        for local, parameter in module.named_parameters():
-            if local != "bias":
-                keys[prefix + local] = f"{prefix}weight"
-    return {name: key for name, key in keys.items() if dict(model.named_parameters())[name].requires_grad}
+    parameters = dict(model.named_parameters())
+    keys = {name: name for name in parameters}
+    for owner_name, module in model.named_modules():
+        if is_reparametrized(module):
+            prefix = f"{owner_name}." if owner_name else ""
+            for local, _ in module.named_parameters():
+                if local != "bias":
+                    keys[prefix + local] = f"{prefix}weight"
+    return {name: key for name, key in keys.items() if parameters[name].requires_grad}
 
 
 class ModelValidationError(ValueError):

@@ -126,8 +126,10 @@ def _circulant_norm(kernel: torch.Tensor, torus_hw: tuple[int, int], groups: int
     for a in range(kh):  # fold taps that wrap around a small torus
         for b in range(kw):
             folded[:, :, a % nh, b % nw] += kernel[:, :, a, b]
-    transfer = torch.fft.fft2(folded)  # (co, cig, nh, nw)
-    transfer = transfer.reshape(groups, co // groups, cig, nh, nw).permute(0, 3, 4, 1, 2)
+    # A real kernel's transfer matrices at -w are the conjugates of those at w (same singular values): the
+    # half spectrum of rfft2 holds every distinct norm.
+    transfer = torch.fft.rfft2(folded)  # (co, cig, nh, nw // 2 + 1)
+    transfer = transfer.reshape(groups, co // groups, cig, nh, nw // 2 + 1).permute(0, 3, 4, 1, 2)
     return torch.linalg.matrix_norm(transfer, ord=2).max().item()
 
 
