@@ -224,6 +224,22 @@ def test_nan_input_is_refused():
         model(x)
 
 
+@pytest.mark.parametrize("bad", [float("inf"), -float("inf")])
+def test_infinite_input_is_refused(bad):
+    _, model, *_ = private_setup()
+    x = make_data(n=4).tensors[0].clone()
+    x[2, 5] = bad
+    with pytest.raises(ValueError, match="NaN or inf"):
+        model(x)
+
+
+def test_huge_finite_inputs_whose_sum_overflows_are_accepted_when_the_model_clips_them():
+    model = orthogonal_mlp(8, 3, hidden=(16,))  # Flatten -> InputNormClip -> ...
+    _, model, *_ = private_setup(model)
+    assert torch.isinf(torch.full((2, 8), 3e38).sum())
+    assert model(torch.full((2, 8), 3e38)).shape == (2, 3)
+
+
 def test_wrong_input_shape_is_refused():
     _, model, *_ = private_setup()
     with pytest.raises(ValueError, match="per-sample shape"):
