@@ -242,15 +242,15 @@ def run_side(side: str, settings: CompareSettings) -> dict:
             "peak_rss_bytes": peak_rss_bytes(), "torch_threads": torch.get_num_threads()}
 
 
-def run_isolated_side(side: str, settings: CompareSettings) -> dict:
+def run_isolated_side(side: str, settings: CompareSettings, fresh_cache: bool = True) -> dict:
     """Run one side in a fresh interpreter; adds its process wall time (start-up, data, calibration included).
 
-    The child gets an empty feature cache (``LIPDP_CACHE``), so that a fixed front end's features (scattering)
-    are computed within its wall time, as on a clean setup.
+    With ``fresh_cache`` the child gets an empty feature cache (``LIPDP_CACHE``), so that a fixed front end's
+    features (scattering) are computed within its wall time, as on a clean setup.
     """
     with tempfile.TemporaryDirectory(prefix="lipdp-cache-") as cache:
         outcome = run_child("recipes.compare", ["--side", side, "--settings", json.dumps(asdict(settings))],
-                            environment={"LIPDP_CACHE": cache})
+                            environment={"LIPDP_CACHE": cache} if fresh_cache else None)
     if outcome.result is None:
         raise RuntimeError(f"the {side} side failed (exit code {outcome.returncode}); see its messages above")
     return {**outcome.result, "process_seconds": outcome.seconds}

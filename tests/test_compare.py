@@ -138,3 +138,18 @@ def test_compare_end_to_end_on_digits(tmp_path):
         assert result["epsilon"] <= 3.0 and result["timed_steps"] == result["steps"]
         assert result["peak_rss_bytes"] > 0 and result["process_seconds"] > result["train_seconds"]
     assert {p.name for p in tmp_path.iterdir()} == {"compare.md", "compare.json", "compare.png"}
+
+
+@pytest.mark.slow
+def test_accuracy_table_on_digits(tmp_path):
+    from benchmarks import accuracy
+
+    results, raw = tmp_path / "R.md", tmp_path / "a.json"
+    assert accuracy.main(["--datasets", "digits", "--epsilons", "3", "--epochs", "5", "--results", str(results),
+                          "--json", str(raw), "--no-progress"]) == 0
+    records = json.loads(raw.read_text())["records"]
+    assert [r["side"] for r in records] == list(compare.SIDES)
+    for record in records:
+        assert record["epsilon"] <= 3.0 and record["test_accuracy"] > 0.3  # 10 classes: chance is 0.1
+    text = results.read_text()
+    assert "<!-- BEGIN accuracy -->" in text and "ε = 3" in text
