@@ -137,8 +137,8 @@ class PrivacyAccountant:
         """Largest k <= ``limit`` such that this history plus k steps of (σ, q) keeps ε(δ) <= ``epsilon``.
 
         The backend is set up once for an upper bracket (placed with a cheap RDP guess) and k is found
-        by a bracketed integer search on prefixes; the answer is then re-checked with exactly the
-        computation :meth:`epsilon` would do for history + k (and lowered if that says otherwise).
+        by a bracketed integer search on prefixes; the answer is then settled with exactly the computation
+        :meth:`epsilon` would do for history + k (lowered or raised until k fits and k + 1 does not).
         Returns 0 if the budget is already exceeded, and ``limit`` if even that many steps fit; when
         the RDP bound (an upper bound on ε, looser than PRV and PLD) already certifies ``limit``
         steps, ``limit`` is returned without setting the backend up for that many (10⁶ steps would
@@ -153,8 +153,16 @@ class PrivacyAccountant:
         if start == limit:
             return limit
         steps = self._search_additional_steps(mechanism, epsilon, delta, limit, start, spent - epsilon)
-        while steps > 0 and _epsilon(self._backend, self._extended(mechanism, steps), delta).upper > epsilon:
+
+        def fits(k: int) -> bool:  # exactly what epsilon() reports after k more steps
+            return k == 0 or _epsilon(self._backend, self._extended(mechanism, k), delta).upper <= epsilon
+
+        # The search ran on a grid set up for its upper bracket; near the boundary that grid and the one
+        # epsilon() sets up for history + k can disagree by a step either way: settle on epsilon()'s answer.
+        while steps > 0 and not fits(steps):
             steps -= 1
+        while steps < limit and fits(steps + 1):
+            steps += 1
         return steps
 
     def _extended(self, mechanism: Mechanism, steps: int) -> tuple[HistoryEntry, ...]:

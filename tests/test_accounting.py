@@ -260,6 +260,17 @@ def test_max_steps_inverts_epsilon():
     assert steps_for_epochs(epochs, q) <= k_rdp < steps_for_epochs(epochs + 1, q)
 
 
+def test_noise_calibrated_for_t_steps_allows_exactly_t_steps():
+    # Regression: at q = 8192/54000 the step search (on its bracket's PRV grid) said 419 where epsilon() of the
+    # calibrated history says 420 fit: make_private_with_epsilon(max_epsilon=...) then stopped one step early.
+    q, steps, target = 8192 / 54000, 420, 3.0
+    sigma = calibrate_noise(target, DELTA, q, steps=steps)
+    assert PrivacyAccountant("prv", history=[(sigma, q, steps)]).epsilon(DELTA) <= target
+    allowed = PrivacyAccountant("prv").max_additional_steps(sigma, q, target, DELTA)
+    assert allowed >= steps
+    assert PrivacyAccountant("prv", history=[(sigma, q, allowed + 1)]).epsilon(DELTA) > target
+
+
 def test_max_additional_steps_accounts_for_the_history():
     sigma, q, target = 1.0, 0.01, 1.5
     total = max_steps(sigma, q, target, DELTA, backend="rdp")
