@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from accounting.cli import add_budget_arguments, run_budget
+from lipdp.training import OPTIMIZERS
 
 DEMO_SETTINGS = {
     # Settings chosen on a validation split of the training data (never on the test split).
@@ -42,6 +43,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how noise is spread over parameter groups (all are accounted as sigma)")
     parser.add_argument("--loss-grad-clip", type=float, default=None,
                         help="clip each sample's logit gradient to this norm (<= sqrt(2) lowers the noise)")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
+                        help="the optimizer the engine wraps: adam, or sgd with momentum 0.9")
     parser.add_argument("--accountant", choices=("prv", "rdp", "pld"), default="prv", help="privacy accountant")
     parser.add_argument("--physical-batch-size", type=int, default=None,
                         help="split each logical batch into micro-batches of this size (memory), one noise draw")
@@ -65,7 +68,7 @@ def run_train(args: argparse.Namespace) -> int:
         batch_size=min(args.batch_size or defaults["batch_size"], len(splits.train)),
         learning_rate=args.lr or defaults["learning_rate"], temperature=args.temperature or defaults["temperature"],
         noise_strategy=args.noise_strategy, loss_grad_clip=args.loss_grad_clip, accountant=args.accountant,
-        seed=args.seed, max_physical_batch_size=args.physical_batch_size,
+        seed=args.seed, max_physical_batch_size=args.physical_batch_size, optimizer=args.optimizer,
     )
     if len(splits.input_shape) == 3:
         model = orthogonal_cnn(splits.input_shape, splits.num_classes, widths=widths)

@@ -34,6 +34,7 @@ class TrainConfig:
     seed: int = 0
     max_physical_batch_size: int | None = None
     weight_averaging: float | None = None  # EMA decay of the released iterates (post-processing), e.g. 0.99
+    optimizer: str = "adam"  # "adam", or "sgd" (momentum 0.9)
 
 
 @dataclass
@@ -94,11 +95,23 @@ def accuracy(model: nn.Module, dataset: TensorDataset, batch_size: int = 2048) -
     return correct / len(dataset)
 
 
+OPTIMIZERS = ("adam", "sgd")
+
+
+def make_optimizer(name: str, parameters, learning_rate: float) -> torch.optim.Optimizer:
+    """The user-side optimizer the engine wraps: Adam, or SGD with momentum 0.9 (Tramèr & Boneh's choice)."""
+    if name == "adam":
+        return torch.optim.Adam(parameters, lr=learning_rate)
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=learning_rate, momentum=0.9)
+    raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+
+
 def train_private(
     model: nn.Module, train_set: TensorDataset, test_set: TensorDataset, config: TrainConfig,
     progress: bool = True,
 ) -> tuple[TrainResult, LipDPEngine]:
-    """Train ``model`` with (config.epsilon, config.delta)-DP on ``train_set``; Adam + cosine schedule.
+    """Train ``model`` with (config.epsilon, config.delta)-DP on ``train_set``; Adam (or SGD) + cosine schedule.
 
     Under ``torchrun`` (WORLD_SIZE > 1) every rank runs this with the same arguments: it joins the process group
     (``lipdp.distributed.init_from_env``), each rank trains on its shard of every Poisson batch of expected
@@ -109,7 +122,7 @@ def train_private(
     torch.manual_seed(config.seed)
     engine = LipDPEngine(accountant=config.accountant, seed=config.seed)
     criterion = LipschitzCrossEntropy(temperature=config.temperature)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    optimizer = make_optimizer(config.optimizer, model.parameters(), config.learning_rate)
     model, optimizer, loader = engine.make_private_with_epsilon(
         module=model, optimizer=optimizer, data_loader=DataLoader(train_set, batch_size=config.batch_size),
         criterion=criterion, target_epsilon=config.epsilon, target_delta=config.delta, epochs=config.epochs,

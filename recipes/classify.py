@@ -29,12 +29,12 @@ from lipdp.datasets import load_dataset, train_validation_split
 from lipdp.layers import InputNormClip
 from lipdp.models import orthogonal_cnn
 from lipdp.scattering import per_sample_group_standardize, scattering_features
-from lipdp.training import TrainConfig, train_private
+from lipdp.training import OPTIMIZERS, TrainConfig, train_private
 
 logger = logging.getLogger(__name__)
 
 DEFAULTS = dict(epochs=40, batch_size=4096, learning_rate=0.05, temperature=1.0, groups=27,
-                noise_strategy="min_energy", weight_averaging=None, loss_grad_clip=None)
+                noise_strategy="min_energy", weight_averaging=None, loss_grad_clip=None, optimizer="adam")
 RADII = (0.0, 0.05, 0.1, 0.25, 0.5)
 
 
@@ -112,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--head", choices=("linear", "cnn"), default="linear", help="trainable Lipschitz model")
     parser.add_argument("--epochs", type=int, default=None, help=f"default {DEFAULTS['epochs']}")
     parser.add_argument("--batch-size", type=int, default=None, help=f"expected Poisson batch, default {DEFAULTS['batch_size']}")
-    parser.add_argument("--lr", dest="learning_rate", type=float, default=None, help=f"Adam lr, default {DEFAULTS['learning_rate']}")
+    parser.add_argument("--lr", dest="learning_rate", type=float, default=None, help=f"learning rate, default {DEFAULTS['learning_rate']}")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                        help=f"adam, or sgd with momentum 0.9; default {DEFAULTS['optimizer']}")
     parser.add_argument("--temperature", type=float, default=None, help="cross-entropy temperature tau")
     parser.add_argument("--groups", type=int, default=None, help="per-sample standardisation groups of scattering channels")
     parser.add_argument("--noise-strategy", choices=("global", "per_layer", "min_energy"), default=None,
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     overrides = {k: getattr(args, k) for k in ("epochs", "batch_size", "learning_rate", "temperature", "groups",
-                                               "noise_strategy", "loss_grad_clip", "weight_averaging")}
+                                               "noise_strategy", "loss_grad_clip", "weight_averaging", "optimizer")}
     results = []
     for epsilon in args.epsilons:
         result = run(args.dataset, epsilon, args.delta, args.seed, args.front_end, args.head, args.validation,

@@ -1,0 +1,43 @@
+"""Private training end to end: ``lipdp.training``, ``lipdp train`` and the classify recipe (issues 4 and 5)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lipdp.cli import main as lipdp_main
+from lipdp.training import make_optimizer
+from recipes import classify
+
+
+@pytest.mark.parametrize("name, kind", [("adam", torch.optim.Adam), ("sgd", torch.optim.SGD)])
+def test_make_optimizer(name, kind):
+    optimizer = make_optimizer(name, [torch.nn.Parameter(torch.zeros(2))], 0.1)
+    assert isinstance(optimizer, kind) and optimizer.param_groups[0]["lr"] == 0.1
+
+
+def test_unknown_optimizer_names_the_choices():
+    with pytest.raises(ValueError, match="adam, sgd"):
+        make_optimizer("lbfgs", [torch.nn.Parameter(torch.zeros(2))], 0.1)
+
+
+@pytest.mark.slow
+def test_classify_recipe_on_digits_reports_accuracy_and_certificates():
+    result = classify.run("digits", epsilon=3.0, epochs=10, batch_size=256, progress=False)
+    assert result["epsilon"] <= 3.0 and result["evaluated_on"] == "test"
+    assert result["accuracy"] > 0.7  # chance: 0.1
+    certified = [result["certified_accuracy"][str(r)] for r in classify.RADII]
+    assert certified[0] == pytest.approx(result["accuracy"], abs=1e-9)  # radius 0 = plain accuracy
+    assert certified == sorted(certified, reverse=True)  # certificates shrink with the radius
+
+
+@pytest.mark.slow
+def test_lipdp_train_command_writes_json_and_plot(tmp_path, capsys):
+    out, plot = tmp_path / "run.json", tmp_path / "budget.png"
+    assert lipdp_main(["train", "--dataset", "digits", "--epsilon", "2", "--epochs", "2", "--optimizer", "sgd",
+                       "--lr", "0.5", "--json", str(out), "--plot", str(plot), "--no-progress"]) == 0
+    record = json.loads(out.read_text())
+    assert record["epsilon"] <= 2.0 and record["config"]["optimizer"] == "sgd"
+    assert plot.stat().st_size > 0 and "test accuracy" in capsys.readouterr().out
