@@ -191,13 +191,15 @@ def lipdp_classify(settings: CompareSettings) -> dict:
 
 def lipdp_cnn(settings: CompareSettings) -> dict:
     """lipdp's default orthogonal CNN through ``lipdp.training.train_private`` (``lipdp train``'s settings)."""
-    from lipdp.cli import DEMO_SETTINGS
+    from lipdp.cli import DEMO_SETTINGS, settings_for
     from lipdp.datasets import load_dataset
     from lipdp.models import orthogonal_cnn
     from lipdp.training import TrainConfig, train_private
 
     splits = load_dataset(settings.dataset, seed=settings.seed)
-    defaults = DEMO_SETTINGS.get(splits.name, DEMO_SETTINGS["digits"])
+    defaults = settings_for(splits.name)
+    if defaults["model"] not in (None, "cnn"):  # `lipdp train` uses an MLP here: the generic CNN settings
+        defaults = DEMO_SETTINGS["default"]
     config = TrainConfig(
         epsilon=settings.epsilon, delta=settings.delta, epochs=settings.epochs, seed=settings.seed,
         batch_size=min(settings.lipdp_batch_size or defaults["batch_size"], len(splits.train)),

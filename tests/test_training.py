@@ -34,6 +34,21 @@ def test_classify_recipe_on_digits_reports_accuracy_and_certificates():
 
 
 @pytest.mark.slow
+def test_lipdp_train_on_digits_beats_chance_by_far_at_epsilon_3(tmp_path, capsys):
+    out = tmp_path / "run.json"
+    assert lipdp_main(["train", "--dataset", "digits", "--epsilon", "3", "--json", str(out), "--no-progress"]) == 0
+    record = json.loads(out.read_text())
+    assert record["epsilon"] <= 3.0 and record["test_accuracy"] > 0.5  # chance: 0.1
+    assert record["model"] == {"kind": "mlp", "widths": [64]}  # the CNN stays near chance here (cli.py)
+    assert "model: orthogonal MLP (64,)" in capsys.readouterr().out
+
+
+def test_lipdp_train_refuses_a_cnn_on_tabular_data():
+    with pytest.raises(SystemExit, match="--model mlp"):
+        lipdp_main(["train", "--dataset", "breast_cancer", "--model", "cnn", "--epochs", "1"])
+
+
+@pytest.mark.slow
 def test_lipdp_train_command_writes_json_and_plot(tmp_path, capsys):
     out, plot = tmp_path / "run.json", tmp_path / "budget.png"
     assert lipdp_main(["train", "--dataset", "digits", "--epsilon", "2", "--epochs", "2", "--optimizer", "sgd",
