@@ -56,3 +56,26 @@ def test_lipdp_train_command_writes_json_and_plot(tmp_path, capsys):
     record = json.loads(out.read_text())
     assert record["epsilon"] <= 2.0 and record["config"]["optimizer"] == "sgd"
     assert plot.stat().st_size > 0 and "test accuracy" in capsys.readouterr().out
+
+
+def test_unit_pixels_are_centred_unit_vectors():
+    pixels = classify.unit_pixels(torch.rand(5, 1, 8, 8) * 3)
+    assert pixels.shape == (5, 64)
+    assert torch.allclose(pixels.norm(dim=1), torch.ones(5), atol=1e-6)
+    assert torch.allclose(pixels.mean(dim=1), torch.zeros(5), atol=1e-6)
+
+
+def test_classify_refuses_a_cnn_head_on_flat_features():
+    with pytest.raises(ValueError, match="front_end='pixels'"):
+        classify.run("digits", front_end="scattering", head="cnn", epochs=1, progress=False)
+
+
+@pytest.mark.slow
+def test_scattering_plus_pixels_features_have_norm_one_and_train_on_digits():
+    train, _, shape, _, _ = classify.prepare_data("digits", "scattering+pixels", 27, validation=False, seed=0)
+    assert shape == (81 * 2 * 2 + 64,)  # J=2 scattering of 8x8 images (81 x 2 x 2), then the 64 pixels
+    norms = train.tensors[0].norm(dim=1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-3)
+    result = classify.run("digits", epsilon=3.0, front_end="scattering+pixels", epochs=10, batch_size=256,
+                          progress=False)
+    assert result["epsilon"] <= 3.0 and result["accuracy"] > 0.7
