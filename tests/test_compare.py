@@ -130,14 +130,17 @@ def test_isolated_measurement_reports_out_of_memory():
 
 @pytest.mark.slow
 def test_compare_end_to_end_on_digits(tmp_path):
-    settings = compare.CompareSettings(dataset="digits", epochs=1, lipdp_recipe="cnn", lipdp_batch_size=256,
-                                       opacus_batch_size=256, opacus_learning_rate=2.0, progress=False)
-    outcome = compare.compare(settings, tmp_path)
+    out, results = tmp_path / "out", tmp_path / "RESULTS.md"
+    assert compare.main(["--dataset", "digits", "--epochs", "1", "--lipdp-recipe", "cnn", "--lipdp-batch-size", "256",
+                         "--opacus-batch-size", "256", "--opacus-lr", "2", "--no-progress", "--out-dir", str(out),
+                         "--results", str(results)]) == 0
+    outcome = json.loads((out / "compare.json").read_text())
     for side in compare.SIDES:
         result = outcome["results"][side]
         assert result["epsilon"] <= 3.0 and result["timed_steps"] == result["steps"]
         assert result["peak_rss_bytes"] > 0 and result["process_seconds"] > result["train_seconds"]
-    assert {p.name for p in tmp_path.iterdir()} == {"compare.md", "compare.json", "compare.png"}
+    assert {p.name for p in out.iterdir()} == {"compare.md", "compare.json", "compare.png"}
+    assert "<!-- BEGIN compare -->" in results.read_text() and "## lipdp vs Opacus" in results.read_text()
 
 
 @pytest.mark.slow
