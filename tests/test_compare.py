@@ -148,8 +148,10 @@ def test_accuracy_table_on_digits(tmp_path):
     from benchmarks import accuracy
 
     results, raw = tmp_path / "R.md", tmp_path / "a.json"
-    assert accuracy.main(["--datasets", "digits", "--epsilons", "3", "--epochs", "5", "--results", str(results),
-                          "--json", str(raw), "--no-progress"]) == 0
+    common = ["--datasets", "digits", "--epsilons", "3", "--epochs", "5", "--results", str(results),
+              "--json", str(raw), "--no-progress"]
+    assert accuracy.main(common + ["--sides", "lipdp"]) == 0
+    assert accuracy.main(common + ["--sides", "opacus", "--append"]) == 0  # keeps the lipdp run
     records = json.loads(raw.read_text())["records"]
     assert [r["side"] for r in records] == list(compare.SIDES)
     for record in records:
