@@ -27,6 +27,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LIPDP_CACHE", Path.home() / ".cache" / "lipdp"))
 
 
+def scattering_transform(shape: tuple[int, int], J: int = 2, L: int = 8) -> torch.nn.Module:
+    """kymatio's (differentiable) transform: (N, C, H, W) -> (N, C, K, H / 2^J, W / 2^J)."""
+    from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+
+    return ScatteringTorch2D(J=J, shape=tuple(shape), L=L)
+
+
 def scattering_features(
     images: torch.Tensor, J: int = 2, L: int = 8, batch_size: int = 1000, cache: bool = True,
     progress: bool = True,
@@ -36,9 +43,7 @@ def scattering_features(
     path = cache_dir() / f"scattering-J{J}-L{L}-{tuple(images.shape)}-{key}.pt".replace(" ", "")
     if cache and path.exists():
         return torch.load(path)
-    from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
-
-    transform = ScatteringTorch2D(J=J, shape=tuple(images.shape[-2:]), L=L)
+    transform = scattering_transform(tuple(images.shape[-2:]), J, L)
     chunks = []
     with torch.no_grad():
         for start in tqdm(range(0, len(images), batch_size), desc="scattering", disable=not progress, leave=False):

@@ -20,6 +20,7 @@ import logging
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -29,7 +30,7 @@ from lipdp.certify import certified_accuracy
 from lipdp.datasets import load_dataset, train_validation_split
 from lipdp.layers import InputNormClip
 from lipdp.models import orthogonal_cnn
-from lipdp.scattering import per_sample_group_standardize, scattering_features
+from lipdp.scattering import per_sample_group_standardize, scattering_features, scattering_transform
 from lipdp.training import OPTIMIZERS, TrainConfig, train_private
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 DEFAULTS = dict(epochs=40, batch_size=4096, learning_rate=0.1, temperature=1.0, groups=27,
                 noise_strategy="min_energy", weight_averaging=None, loss_grad_clip=0.5, optimizer="adam")
 RADII = (0.0, 0.05, 0.1, 0.25, 0.5)
+SALIENCY_IMAGES = 8
 
 
 FRONT_ENDS = ("scattering", "pixels", "scattering+pixels")
@@ -53,16 +55,64 @@ def unit_pixels(images: torch.Tensor) -> torch.Tensor:
     return flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
+def combine(front_end: str, coefficients: torch.Tensor, images: torch.Tensor, groups: int) -> torch.Tensor:
+    """Scattering coefficients (N, C*K, h, w) -> the head's input: standardised coefficients (norm ~1), or those and
+    the pixels side by side ``[s, w * p] / sqrt(1 + w^2)`` (the pixels keep the detail scattering averages away)."""
+    features = per_sample_group_standardize(coefficients, groups)
+    if front_end == "scattering+pixels":
+        features = torch.cat([features, PIXEL_WEIGHT * unit_pixels(images)], dim=1) / (1 + PIXEL_WEIGHT**2) ** 0.5
+    return features
+
+
 def _features(dataset: TensorDataset, front_end: str, groups: int) -> TensorDataset:
-    """The fixed front end: pixels, standardised scattering coefficients (norm ~1), or both side by side
-    ``[s, w * p] / sqrt(1 + w^2)``: the pixels keep the fine detail that scattering averages away."""
+    """The fixed front end applied to a whole split (scattering coefficients are computed once and cached)."""
     x, y = dataset.tensors
     if front_end == "pixels":
         return TensorDataset(x, y)
-    features = per_sample_group_standardize(scattering_features(x), groups)
-    if front_end == "scattering+pixels":
-        features = torch.cat([features, PIXEL_WEIGHT * unit_pixels(x)], dim=1) / (1 + PIXEL_WEIGHT**2) ** 0.5
-    return TensorDataset(features, y)
+    return TensorDataset(combine(front_end, scattering_features(x), x, groups), y)
+
+
+def logits_of_pixels(head: nn.Module, front_end: str, groups: int, image_shape: tuple[int, ...],
+                     flatten: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The trained head composed with its front end: logits as a differentiable function of the images."""
+    if front_end == "pixels":
+        return (lambda images: head(images.flatten(1))) if flatten else head
+    transform = scattering_transform(tuple(image_shape[-2:]))
+
+    def logits(images: torch.Tensor) -> torch.Tensor:
+        coefficients = transform(images)
+        coefficients = coefficients.reshape(len(images), -1, *coefficients.shape[-2:])
+        return head(combine(front_end, coefficients, images, groups))
+
+    return logits
+
+
+def save_saliency_maps(logits: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, labels: torch.Tensor,
+                       path: Path) -> Path:
+    """PNG: each image over the gradient, with respect to its pixels, of its predicted class's margin (top logit
+    minus the runner-up). 1-Lipschitz models trained with OT-style losses have sharp, meaningful input gradients
+    (Serrurier et al. 2022, "On the explainable properties of 1-Lipschitz neural networks")."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    images = images.detach().clone().requires_grad_(True)
+    top = logits(images).topk(2, dim=1)
+    (gradient,) = torch.autograd.grad((top.values[:, 0] - top.values[:, 1]).sum(), images)
+    figure, axes = plt.subplots(2, len(images), figsize=(1.6 * len(images), 4.4), squeeze=False)
+    for i, (image, saliency) in enumerate(zip(images.detach(), gradient.abs().sum(dim=1))):
+        axes[0, i].imshow(image.sum(dim=0).numpy(), cmap="gray")
+        axes[0, i].set_title(f"label {int(labels[i])}\npred. {int(top.indices[i, 0])}", fontsize=8)
+        axes[1, i].imshow(saliency.numpy(), cmap="hot")
+    for axis in axes.flat:
+        axis.axis("off")
+    figure.suptitle("input gradients of the predicted class's margin (private model)", fontsize=9)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
 
 
 def prepare_data(dataset: str, front_end: str, groups: int, validation: bool, seed: int):
@@ -85,8 +135,9 @@ def build_model(head: str, input_shape: tuple[int, ...], num_classes: int, width
 
 def run(dataset: str = "fashion-mnist", epsilon: float = 3.0, delta: float = 1e-5, seed: int = 0,
         front_end: str = "scattering+pixels", head: str = "linear", validation: bool = False, progress: bool = True,
-        **overrides) -> dict:
-    """One private training run; returns accuracy, certified accuracy, (epsilon, delta), timings."""
+        saliency: Path | None = None, **overrides) -> dict:
+    """One private training run; returns accuracy, certified accuracy, (epsilon, delta), timings. With
+    ``saliency``, also saves the input-gradient maps of the first test images there (PNG)."""
     if front_end not in FRONT_ENDS:
         raise ValueError(f"unknown front end {front_end!r}; choose from {', '.join(FRONT_ENDS)}")
     if head == "cnn" and front_end != "pixels":
@@ -106,6 +157,14 @@ def run(dataset: str = "fashion-mnist", epsilon: float = 3.0, delta: float = 1e-
     result, engine = train_private(model, train, evaluation, config, progress=progress)
     lipschitz = engine.lipschitz_constant()
     certified = {str(r): certified_accuracy(model, evaluation, r, lipschitz) for r in RADII}
+    if saliency is not None:
+        # A copy without the engine's training hooks (they rescale and clip gradients at the output).
+        released = build_model(head, input_shape, num_classes)
+        released.load_state_dict(model.state_dict())
+        images, labels = load_dataset(dataset, seed=seed).test.tensors
+        logits = logits_of_pixels(released.eval(), front_end, groups, tuple(images.shape[1:]),
+                                  flatten=head == "linear")
+        save_saliency_maps(logits, images[:SALIENCY_IMAGES], labels[:SALIENCY_IMAGES], saliency)
     return {
         "dataset": dataset, "description": description, "front_end": front_end, "head": head,
         "evaluated_on": "validation" if validation else "test", "config": asdict(config),
@@ -149,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="evaluate on a held-out 10%% of the training split (for tuning) instead of the test split")
     parser.add_argument("--seed", type=int, default=0, help="seed for split, init, sampling and noise")
     parser.add_argument("--json", type=Path, default=None, help="write all results here")
+    parser.add_argument("--saliency", type=Path, default=None, metavar="PNG",
+                        help="save input-gradient saliency maps of the private model on the first test images "
+                             "(one file per epsilon: the epsilon is appended to the name)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
@@ -160,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
                                                "noise_strategy", "loss_grad_clip", "weight_averaging", "optimizer")}
     results = []
     for epsilon in args.epsilons:
+        saliency = args.saliency and args.saliency.with_name(f"{args.saliency.stem}-eps{epsilon:g}.png")
         result = run(args.dataset, epsilon, args.delta, args.seed, args.front_end, args.head, args.validation,
-                     progress=not args.no_progress, **overrides)
+                     progress=not args.no_progress, saliency=saliency, **overrides)
         results.append(result)
         print(f"{args.dataset} {args.front_end}+{args.head}: accuracy {result['accuracy']:.4f} on "
               f"{result['evaluated_on']} at (epsilon={result['epsilon']:.3f}, delta={args.delta:g}), "

@@ -7,7 +7,10 @@ import json
 import pytest
 import torch
 
+from torch.utils.data import TensorDataset
+
 from lipdp.cli import main as lipdp_main
+from lipdp.datasets import load_dataset
 from lipdp.training import make_optimizer
 from recipes import classify
 
@@ -79,3 +82,19 @@ def test_scattering_plus_pixels_features_have_norm_one_and_train_on_digits():
     result = classify.run("digits", epsilon=3.0, front_end="scattering+pixels", epochs=10, batch_size=256,
                           progress=False)
     assert result["epsilon"] <= 3.0 and result["accuracy"] > 0.7
+
+
+@pytest.mark.slow
+def test_saliency_maps_of_the_private_model_on_digits(tmp_path):
+    path = tmp_path / "saliency.png"
+    classify.run("digits", epsilon=3.0, epochs=3, batch_size=256, progress=False, saliency=path)
+    assert path.stat().st_size > 10_000
+
+
+def test_pixel_logits_match_the_cached_features():
+    # The differentiable front end used for saliency is the one the head was trained on.
+    images = load_dataset("digits").test.tensors[0][:6]
+    head = classify.build_model("linear", (81 * 2 * 2 + 64,), 10)
+    cached = classify._features(TensorDataset(images, torch.zeros(6)), "scattering+pixels", 27).tensors[0]
+    logits = classify.logits_of_pixels(head, "scattering+pixels", 27, (1, 8, 8), flatten=True)
+    assert torch.allclose(logits(images), head(cached), atol=1e-5)
