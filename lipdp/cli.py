@@ -45,7 +45,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="passes over the data (default: per data set)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="expected Poisson batch size; large batches cost nothing extra in lipdp")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate of the wrapped optimizer (cosine-annealed)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="learning rate of the wrapped optimizer (cosine-annealed)")
     parser.add_argument("--temperature", type=float, default=None,
                         help="cross-entropy temperature tau in CE(tau z)/tau (Lipschitz constant sqrt(2) for any tau)")
     parser.add_argument("--model", choices=("cnn", "mlp"), default=None,
