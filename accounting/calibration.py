@@ -12,10 +12,12 @@ Epochs: with Poisson sampling at rate q an epoch is 1/q steps in expectation, so
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from accounting import guess
 from accounting.accountant import MAX_STEPS, PrivacyAccountant
 from accounting.backends import Backend, get_backend
+from accounting.history import HistoryEntry
 from accounting.search import shrink_bracket
 from accounting.validation import check_delta, check_noise_multiplier, check_positive, check_sample_rate, check_steps
 
@@ -40,8 +42,11 @@ def _steps(sample_rate: float, steps: int | None, epochs: float | None) -> int:
 
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int | None = None,
                     epochs: float | None = None, backend: str | Backend = "prv", *,
-                    rtol: float = SIGMA_RTOL) -> float:
+                    rtol: float = SIGMA_RTOL, spent: Sequence[HistoryEntry | Sequence] = ()) -> float:
     """The smallest noise multiplier σ whose ε(δ) after ``steps`` (or ``epochs``) at rate q is <= ``target_epsilon``.
+
+    ``spent``: mechanisms already released on the same data (a history, e.g. a private feature mean as one
+    ``(σ, 1.0, 1)`` entry); σ is calibrated so that they and the new steps together meet the target.
 
     Tolerance: the returned σ has ε <= target (as :meth:`PrivacyAccountant.epsilon` reports it, the
     conservative value), and a σ' >= σ / (1 + rtol) was evaluated with ε > target. σ is searched in
@@ -53,8 +58,13 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
     steps = _steps(sample_rate, steps, epochs)
     backend = get_backend(backend)
 
+    spent = list(spent)
+    if spent and (already := PrivacyAccountant(backend, history=spent).epsilon(delta)) >= target_epsilon:
+        raise ValueError(f"the mechanisms already spent ε = {already:.4g} at δ = {delta:g}, not below "
+                         f"target_epsilon={target_epsilon:g}: no noise multiplier leaves room for more steps")
+
     def epsilon(sigma: float) -> float:
-        return PrivacyAccountant(backend, history=[(sigma, sample_rate, steps)]).epsilon(delta)
+        return PrivacyAccountant(backend, history=[*spent, (sigma, sample_rate, steps)]).epsilon(delta)
 
     def excess(log_sigma: float) -> float:
         return math.log(epsilon(math.exp(log_sigma)) / target_epsilon)

@@ -37,6 +37,7 @@ from lipdp.noise import NOISE_STRATEGIES
 from lipdp.optimizer import DPOptimizer
 from lipdp.reparametrization import MaterializedWeights
 from lipdp.sampling import PoissonDataLoader
+from lipdp.statistics import private_mean
 
 __all__ = ["LipDPEngine", "PrivacyBudgetExceeded"]
 
@@ -62,6 +63,7 @@ class LipDPEngine:
         self.seed = _seed_from_os() if secure_mode or seed is None else int(seed)
         self.sampling_generator = torch.Generator().manual_seed(self.seed)
         self.noise_generator = torch.Generator().manual_seed(self.seed + 1)
+        self.statistics_generator = torch.Generator().manual_seed(self.seed + 2)
         self.model: nn.Module | None = None
         self.optimizer: DPOptimizer | None = None
         self.data_loader: PoissonDataLoader | None = None
@@ -70,6 +72,20 @@ class LipDPEngine:
         self._hooks: list = []
 
     # ----------------------------------------------------------------------------------------------
+    def private_mean(self, data: torch.Tensor, noise_multiplier: float, norm_bound: float) -> torch.Tensor:
+        """The mean of ``data``'s rows, each clipped to ``norm_bound``, released by the Gaussian mechanism
+        (``lipdp.statistics.private_mean``) and recorded in this engine's accountant as one step at sample rate 1:
+        ``make_private_with_epsilon`` then leaves room for it and ``get_epsilon`` includes it. Call it before
+        ``make_private``, on the whole training set (every rank the same, in multi-process runs)."""
+        if self.model is not None:
+            raise RuntimeError("release statistics before make_private(...): the training budget is set there")
+        if distributed.is_distributed():  # every rank must draw the same noise
+            self.seed = distributed.broadcast_seed(self.seed)
+            self.statistics_generator.manual_seed(self.seed + 2)
+        mean = private_mean(data, norm_bound, noise_multiplier, self.statistics_generator)
+        self.accountant.step(noise_multiplier=noise_multiplier, sample_rate=1.0)
+        return mean
+
     def make_private(
         self,
         *,
@@ -187,7 +203,8 @@ class LipDPEngine:
         self, *, target_epsilon: float, target_delta: float, epochs: int, **kwargs
     ) -> tuple[nn.Module, DPOptimizer, PoissonDataLoader]:
         """As ``make_private``, with the smallest noise multiplier that spends at most ``target_epsilon``
-        after ``epochs`` epochs (calibrated with this engine's accountant backend)."""
+        after ``epochs`` epochs (calibrated with this engine's accountant backend), statistics released
+        before (``private_mean``) included."""
         if "noise_multiplier" in kwargs:
             raise ValueError("make_private_with_epsilon calibrates noise_multiplier itself; do not pass it")
         loader = kwargs["data_loader"]
@@ -200,7 +217,7 @@ class LipDPEngine:
         sample_rate = loader.batch_size / num_samples
         steps = epochs * max(1, round(num_samples / loader.batch_size))
         sigma = calibrate_noise(target_epsilon, target_delta, sample_rate, steps=steps,
-                                backend=self.accountant.backend)
+                                backend=self.accountant.backend, spent=self.accountant.history)
         kwargs.setdefault("target_delta", target_delta)
         return self.make_private(noise_multiplier=sigma, **kwargs)
 
