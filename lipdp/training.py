@@ -109,9 +109,12 @@ def make_optimizer(name: str, parameters, learning_rate: float) -> torch.optim.O
 
 def train_private(
     model: nn.Module, train_set: TensorDataset, test_set: TensorDataset, config: TrainConfig,
-    progress: bool = True,
+    progress: bool = True, engine: LipDPEngine | None = None,
 ) -> tuple[TrainResult, LipDPEngine]:
     """Train ``model`` with (config.epsilon, config.delta)-DP on ``train_set``; Adam (or SGD) + cosine schedule.
+
+    ``engine``: a fresh engine that may already have released statistics of ``train_set`` (e.g.
+    ``engine.private_mean``); the noise is calibrated so that they and the training fit (epsilon, delta).
 
     Under ``torchrun`` (WORLD_SIZE > 1) every rank runs this with the same arguments: it joins the process group
     (``lipdp.distributed.init_from_env``), each rank trains on its shard of every Poisson batch of expected
@@ -120,7 +123,8 @@ def train_private(
     distributed.init_from_env()
     progress = progress and distributed.is_main_process()
     torch.manual_seed(config.seed)
-    engine = LipDPEngine(accountant=config.accountant, seed=config.seed)
+    if engine is None:
+        engine = LipDPEngine(accountant=config.accountant, seed=config.seed)
     criterion = LipschitzCrossEntropy(temperature=config.temperature)
     optimizer = make_optimizer(config.optimizer, model.parameters(), config.learning_rate)
     model, optimizer, loader = engine.make_private_with_epsilon(

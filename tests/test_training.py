@@ -98,3 +98,32 @@ def test_pixel_logits_match_the_cached_features():
     cached = classify._features(TensorDataset(images, torch.zeros(6)), "scattering+pixels", 27).tensors[0]
     logits = classify.logits_of_pixels(head, "scattering+pixels", 27, (1, 8, 8), flatten=True)
     assert torch.allclose(logits(images), head(cached), atol=1e-5)
+
+
+def test_pixel_logits_include_the_centring():
+    images = load_dataset("digits").test.tensors[0][:6]
+    head = classify.build_model("linear", (81 * 2 * 2 + 64,), 10)
+    cached = classify._features(TensorDataset(images, torch.zeros(6)), "scattering+pixels", 27).tensors[0]
+    mean = cached.mean(dim=0)
+    logits = classify.logits_of_pixels(head, "scattering+pixels", 27, (1, 8, 8), flatten=True, mean=mean)
+    assert torch.allclose(logits(images), head(classify.centre_and_rescale(cached, mean)), atol=1e-5)
+
+
+def test_centre_and_rescale_gives_unit_vectors_along_the_centred_features():
+    features = torch.rand(7, 2, 3) + 1.0
+    mean = features.mean(dim=0)
+    out = classify.centre_and_rescale(features, mean)
+    assert out.shape == features.shape
+    flat, centred = out.flatten(1), (features - mean).flatten(1)
+    assert torch.allclose(flat.norm(dim=1), torch.ones(7), atol=1e-6)
+    assert torch.allclose(flat * centred.norm(dim=1, keepdim=True), centred, atol=1e-6)
+
+
+def test_classify_centring_is_paid_from_the_same_budget():
+    """The private mean is one more Gaussian mechanism: training gets more noise and the total stays within ε."""
+    centred = classify.run("digits", epsilon=3.0, epochs=1, batch_size=256, progress=False)
+    plain = classify.run("digits", epsilon=3.0, epochs=1, batch_size=256, progress=False, centring_noise=0)
+    assert centred["centring_noise"] == classify.DEFAULTS["centring_noise"] and plain["centring_noise"] is None
+    assert centred["noise_multiplier"] > plain["noise_multiplier"]
+    assert centred["epsilon"] <= 3.0 and plain["epsilon"] <= 3.0
+    assert centred["epsilon"] > plain["epsilon"] - 0.05  # both spend (nearly) the whole budget
