@@ -19,6 +19,8 @@ import torch
 
 from accounting.validation import check_noise_multiplier, check_positive
 
+_CHUNK_ROWS = 4096
+
 
 def clip_rows(x: torch.Tensor, norm_bound: float) -> torch.Tensor:
     """Each row of (N, ...) scaled down to L2 norm at most ``norm_bound``."""
@@ -32,7 +34,11 @@ def mean_query(x: torch.Tensor, norm_bound: float) -> tuple[torch.Tensor, int]:
         raise ValueError(f"the mean of a data set needs a non-empty (N, ...) tensor, got shape {tuple(x.shape)}")
     if not torch.isfinite(x).all():
         raise ValueError("the data contain NaN or infinite values")
-    return clip_rows(x.double(), check_positive(norm_bound, "norm_bound")).sum(dim=0), len(x)
+    norm_bound = check_positive(norm_bound, "norm_bound")
+    total = torch.zeros(x.shape[1:], dtype=torch.float64)
+    for chunk in x.split(_CHUNK_ROWS):  # float64 sums without a float64 copy of the whole data set
+        total += clip_rows(chunk.double(), norm_bound).sum(dim=0)
+    return total, len(x)
 
 
 def mean_query_sensitivity(norm_bound: float) -> float:

@@ -70,8 +70,11 @@ def combine(front_end: str, coefficients: torch.Tensor, images: torch.Tensor, gr
 def centre_and_rescale(features: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     """Each sample minus the (privately released) training mean, scaled back to norm 1: the norm budget goes to
     what distinguishes the samples, not to what they share (+0.4 points validation accuracy, README)."""
-    centred = (features - mean).flatten(1)
-    return (centred / centred.norm(dim=1, keepdim=True).clamp_min(1e-12)).reshape(features.shape)
+    centred = features.flatten(1) - mean.flatten()
+    norms = centred.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    # in place on whole data sets (one copy of the features, not two); out of place when differentiated (saliency)
+    centred = centred / norms if centred.requires_grad else centred.div_(norms)
+    return centred.reshape(features.shape)
 
 
 def _features(dataset: TensorDataset, front_end: str, groups: int) -> TensorDataset:
