@@ -18,14 +18,9 @@ import math
 import torch
 
 from accounting.validation import check_noise_multiplier, check_positive
+from lipdp.layers import InputNormClip
 
 _CHUNK_ROWS = 4096
-
-
-def clip_rows(x: torch.Tensor, norm_bound: float) -> torch.Tensor:
-    """Each row of (N, ...) scaled down to L2 norm at most ``norm_bound``."""
-    norms = x.flatten(1).norm(dim=1).view(-1, *([1] * (x.dim() - 1)))
-    return x * (norm_bound / norms.clamp_min(1e-12)).clamp(max=1.0)
 
 
 def mean_query(x: torch.Tensor, norm_bound: float) -> tuple[torch.Tensor, int]:
@@ -34,10 +29,10 @@ def mean_query(x: torch.Tensor, norm_bound: float) -> tuple[torch.Tensor, int]:
         raise ValueError(f"the mean of a data set needs a non-empty (N, ...) tensor, got shape {tuple(x.shape)}")
     if not torch.isfinite(x).all():
         raise ValueError("the data contain NaN or infinite values")
-    norm_bound = check_positive(norm_bound, "norm_bound")
+    clip = InputNormClip(check_positive(norm_bound, "norm_bound"))  # the model's own input clip
     total = torch.zeros(x.shape[1:], dtype=torch.float64)
     for chunk in x.split(_CHUNK_ROWS):  # float64 sums without a float64 copy of the whole data set
-        total += clip_rows(chunk.double(), norm_bound).sum(dim=0)
+        total += clip(chunk.double()).sum(dim=0)
     return total, len(x)
 
 
