@@ -19,7 +19,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 from torch import nn
@@ -37,11 +37,12 @@ from lipdp.noise import NOISE_STRATEGIES
 from lipdp.optimizer import DPOptimizer
 from lipdp.reparametrization import MaterializedWeights
 from lipdp.sampling import PoissonDataLoader
-from lipdp.statistics import private_mean
+from lipdp.statistics import ChannelBlock, private_channel_moments, private_mean
 
 __all__ = ["LipDPEngine", "PrivacyBudgetExceeded"]
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _seed_from_os() -> int:
@@ -64,6 +65,7 @@ class LipDPEngine:
         self.sampling_generator = torch.Generator().manual_seed(self.seed)
         self.noise_generator = torch.Generator().manual_seed(self.seed + 1)
         self.statistics_generator = torch.Generator().manual_seed(self.seed + 2)
+        self._statistics_synchronised = False
         self.model: nn.Module | None = None
         self.optimizer: DPOptimizer | None = None
         self.data_loader: PoissonDataLoader | None = None
@@ -77,14 +79,28 @@ class LipDPEngine:
         (``lipdp.statistics.private_mean``) and recorded in this engine's accountant as one step at sample rate 1:
         ``make_private_with_epsilon`` then leaves room for it and ``get_epsilon`` includes it. Call it before
         ``make_private``, on the whole training set (every rank the same, in multi-process runs)."""
+        return self._release(noise_multiplier, lambda generator: private_mean(
+            data, norm_bound, noise_multiplier, generator))
+
+    def private_channel_moments(self, data: torch.Tensor, blocks: list[ChannelBlock], noise_multiplier: float,
+                                norm_bound: float) -> list[torch.Tensor]:
+        """Each block's channel second moments (sum over rows and positions of x_p x_p^T, rows clipped to
+        ``norm_bound``), released by one Gaussian mechanism (``lipdp.statistics.private_channel_moments``) and
+        accounted as ``private_mean`` is: one step at sample rate 1, before ``make_private``."""
+        return self._release(noise_multiplier, lambda generator: private_channel_moments(
+            data, blocks, norm_bound, noise_multiplier, generator))
+
+    def _release(self, noise_multiplier: float, mechanism: Callable[[torch.Generator], T]) -> T:
+        """Run a full-data Gaussian mechanism on the statistics generator and account it (one step, q = 1)."""
         if self.model is not None:
             raise RuntimeError("release statistics before make_private(...): the training budget is set there")
-        if distributed.is_distributed():  # every rank must draw the same noise
+        if distributed.is_distributed() and not self._statistics_synchronised:  # every rank draws the same noise
             self.seed = distributed.broadcast_seed(self.seed)
-            self.statistics_generator.manual_seed(self.seed + 2)
-        mean = private_mean(data, norm_bound, noise_multiplier, self.statistics_generator)
+            self.statistics_generator.manual_seed(self.seed + 2)  # once: later releases draw fresh noise
+            self._statistics_synchronised = True
+        released = mechanism(self.statistics_generator)
         self.accountant.step(noise_multiplier=noise_multiplier, sample_rate=1.0)
-        return mean
+        return released
 
     def make_private(
         self,

@@ -66,7 +66,10 @@ WORKER = textwrap.dedent("""
         wide_optimizer.step()
         weight = dict(distributed.unwrap(wide)[0].named_parameters())["1.weight"]
         released = weight.grad * 32  # un-normalise by the expected batch size
-        return {"params": params.tolist(), "epsilon": engine.get_epsilon(1e-5),
+        # 3. Statistics released before training: two releases on zero data are two independent noise draws.
+        statistics_engine = LipDPEngine(seed=13)
+        means = [statistics_engine.private_mean(torch.zeros(10, 4), 1.0, 1.0).tolist() for _ in range(2)]
+        return {"params": params.tolist(), "released_means": means, "epsilon": engine.get_epsilon(1e-5),
                 "steps": engine.accountant.total_steps, "local_sizes": local_sizes,
                 "claimed_std": noise_engine.noise_stds()["1.weight"], "measured_std": released.std().item(),
                 "noise_head": released.flatten()[:5].tolist()}
@@ -151,6 +154,9 @@ def test_two_processes_are_one_mechanism_equal_to_the_single_process_run(runs, w
         assert rank["claimed_std"] == single["claimed_std"]
         assert rank["measured_std"] == pytest.approx(single["claimed_std"], rel=0.03)
     assert ranks[0]["noise_head"] == pytest.approx(single["noise_head"], rel=1e-6)
+    # released statistics: the same on every rank and as in one process, fresh noise for each release
+    assert ranks[0]["released_means"] == ranks[1]["released_means"] == single["released_means"]
+    assert ranks[0]["released_means"][0] != ranks[0]["released_means"][1]
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""Private statistics released before training (lipdp.statistics, LipDPEngine.private_mean) and their accounting."""
+"""Private statistics released before training (lipdp.statistics, LipDPEngine.private_mean and
+private_channel_moments) and their accounting."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from accounting import PrivacyAccountant, calibrate_noise
 from lipdp import LipDPEngine
 from lipdp.layers import InputNormClip
 from lipdp.losses import LipschitzCrossEntropy
-from lipdp.statistics import mean_query, mean_query_sensitivity, private_mean
+from lipdp.statistics import (
+    ChannelBlock, channel_moments_query, channel_moments_sensitivity, mean_query, mean_query_sensitivity,
+    private_channel_moments, private_mean,
+)
 
 DELTA = 1e-5
 
@@ -133,3 +137,88 @@ def test_engine_private_mean_after_make_private_is_refused():
                         noise_multiplier=1.0, input_norm_bound=1.0)
     with pytest.raises(RuntimeError, match="before make_private"):
         engine.private_mean(dataset.tensors[0], noise_multiplier=5.0, norm_bound=1.0)
+
+
+BLOCKS = [ChannelBlock(0, 3, 4), ChannelBlock(14, 2, 3)]  # 12 + 2 unblocked + 6 features: rows of 20
+
+
+def _moments_change(data: torch.Tensor, record: torch.Tensor, bound: float) -> float:
+    """L2 norm of the change of the released quantity (every block's upper triangle) when ``record`` is added."""
+    before = channel_moments_query(data, BLOCKS, bound)
+    after = channel_moments_query(torch.cat([data, record[None]]), BLOCKS, bound)
+    rows, cols = zip(*(torch.triu_indices(b.channels, b.channels) for b in BLOCKS))
+    return torch.cat([(a - b)[r, c] for a, b, r, c in zip(after, before, rows, cols)]).norm().item()
+
+
+def test_channel_moments_sensitivity_holds_for_adversarial_records():
+    """Adding one record moves every block's upper triangle, together, by <= X0^2: records huge, tiny, spread,
+    all in one block, all at one position (where the bound is attained)."""
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(40, 20, generator=g)
+    for bound in (0.5, 1.0, 3.0):
+        claimed = channel_moments_sensitivity(bound)
+        records = [torch.randn(20, generator=g) * scale for scale in (1e-6, 0.1, 1.0, 1e6)]
+        in_one_block = torch.zeros(20)
+        in_one_block[:12] = torch.randn(12, generator=g)
+        records.append(in_one_block * 1e3)
+        at_one_position = torch.zeros(20)
+        at_one_position[[0, 4, 8]] = torch.tensor([1.0, 2.0, -1.0])  # channels 0..2 at position 0 of block 0
+        records.append(at_one_position)
+        for record in records:
+            assert _moments_change(data, record, bound) <= claimed * (1 + 1e-9)
+        # x x^T at one position: its Frobenius norm is ||x||^2 = X0^2; the triangle keeps the diagonal and half
+        # of the rest, so the released change lies between X0^2 / sqrt(2) and X0^2
+        assert _moments_change(data, at_one_position * 1e3, bound) >= claimed / 2**0.5 * (1 - 1e-9)
+
+
+def test_channel_moments_query_is_the_tied_second_moment():
+    x = torch.randn(30, 20, generator=torch.Generator().manual_seed(1)) * 0.1  # norms below the bound: no clip
+    moments = channel_moments_query(x, BLOCKS, norm_bound=10.0)
+    for moment, block in zip(moments, BLOCKS):
+        view = x[:, block.start:block.stop].reshape(30, block.channels, block.positions).double()
+        expected = sum(view[:, :, p].T @ view[:, :, p] for p in range(block.positions))
+        assert torch.allclose(moment, expected)
+
+
+def test_private_channel_moments_noise_is_symmetric_with_the_calibrated_std():
+    generator = torch.Generator().manual_seed(2)
+    sigma, bound = 0.7, 2.0
+    blocks = [ChannelBlock(0, 40, 1)]
+    draws = torch.stack([private_channel_moments(torch.zeros(5, 40), blocks, bound, sigma, generator)[0]
+                         for _ in range(20)])
+    assert torch.equal(draws, draws.transpose(1, 2))
+    expected = sigma * channel_moments_sensitivity(bound)
+    upper = draws[:, *torch.triu_indices(40, 40)]
+    assert upper.std().item() == pytest.approx(expected, rel=0.05)
+
+
+@pytest.mark.parametrize("blocks, message", [
+    ([], "at least one"),
+    ([ChannelBlock(0, 3, 4), ChannelBlock(10, 2, 3)], "overlap"),
+    ([ChannelBlock(15, 2, 3)], "do not fit"),
+    ([ChannelBlock(0, 0, 3)], "do not fit"),
+])
+def test_channel_moments_refuse_bad_blocks(blocks, message):
+    with pytest.raises(ValueError, match=message):
+        channel_moments_query(torch.ones(4, 20), blocks, 1.0)
+
+
+def test_channel_moments_refuse_bad_data():
+    with pytest.raises(ValueError, match="NaN"):
+        channel_moments_query(torch.full((4, 20), float("nan")), BLOCKS, 1.0)
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        private_channel_moments(torch.ones(4, 20), BLOCKS, 1.0, 0.0)
+
+
+def test_engine_private_channel_moments_are_accounted_after_the_mean():
+    engine, dataset, _ = _engine_with_mean(noise_multiplier=5.0)
+    moments = engine.private_channel_moments(dataset.tensors[0], [ChannelBlock(0, 4, 2)], noise_multiplier=8.0,
+                                             norm_bound=1.0)
+    assert len(moments) == 1 and moments[0].shape == (4, 4)
+    assert [entry.to_list() for entry in engine.accountant.history] == [[5.0, 1.0, 1], [8.0, 1.0, 1]]
+    model = nn.Sequential(InputNormClip(1.0), nn.Linear(8, 3))
+    engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                        data_loader=DataLoader(dataset, batch_size=100), criterion=LipschitzCrossEntropy(),
+                        noise_multiplier=1.0, input_norm_bound=1.0)
+    with pytest.raises(RuntimeError, match="before make_private"):
+        engine.private_channel_moments(dataset.tensors[0], [ChannelBlock(0, 4, 2)], 8.0, 1.0)
