@@ -3,15 +3,17 @@
     python -m recipes.classify --dataset fashion-mnist --epsilons 1 3 8
     python -m recipes.classify --dataset digits --front-end pixels --head cnn --epsilons 3 --epochs 30
 
-Front ends: ``scattering`` (a fixed 2-D wavelet scattering transform computed once, then per-sample group
-standardisation; free in privacy, DESIGN.md §2), ``pixels``, or ``scattering+pixels`` (the default: both, side by
-side, each of norm 1 per sample). The features are then centred on the training features' mean, released once by
-the Gaussian mechanism (``LipDPEngine.private_mean``, noise multiplier ``--centring-noise``; accounted in the same
-(epsilon, delta)), and scaled back to norm 1. Heads: ``linear`` (one dense layer: its per-sample gradient bound is
-L * X0 whatever its weights) or ``cnn`` (orthogonal CNN from lipdp.models).
+Front ends (``recipes.front_end``; per sample, free in privacy, DESIGN.md §2): '+'-joined parts among
+``scattering`` (2-D wavelet scattering, J = 2, computed once and cached, then per-sample group standardisation),
+``fine-scattering`` (the same at J = 1) and ``pixels``, each of norm 1 per sample, side by side; the default uses
+all three. The features are then centred on the training features' mean and their scattering channels whitened by
+the channels' second moments, both released once by the Gaussian mechanism (``LipDPEngine.private_mean`` and
+``private_channel_moments``, noise multipliers ``--centring-noise`` and ``--whitening-noise``; accounted in the
+same (epsilon, delta)), each followed by a rescaling to norm 1. Heads: ``linear`` (one dense layer: its per-sample
+gradient bound is L * X0 whatever its weights) or ``cnn`` (orthogonal CNN from lipdp.models, on ``pixels``).
 Hyper-parameters are chosen with ``--validation`` (last 10% of the training split as held-out data); the test
 split is only used for the final report. Reports test accuracy and certified accuracy at L2 radii
-(in the model input's space: the centred front-end features; the front end itself is not 1-Lipschitz).
+(in the model input's space: the preprocessed front-end features; the front end itself is not 1-Lipschitz).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import logging
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -33,72 +35,50 @@ from lipdp.datasets import load_dataset, train_validation_split
 from lipdp.engine import LipDPEngine
 from lipdp.layers import InputNormClip
 from lipdp.models import orthogonal_cnn
-from lipdp.scattering import per_sample_group_standardize, scattering_features, scattering_transform
+from lipdp.statistics import ChannelBlock
 from lipdp.training import OPTIMIZERS, TrainConfig, train_private
+from recipes.front_end import (PrivatePreprocessing, differentiable_scatter, front_end_features, parse_front_end,
+                               release_preprocessing)
 
 logger = logging.getLogger(__name__)
 
 #: Chosen on the validation split (last 10% of Fashion-MNIST's training split), never on the test split; the sweep
 #: and its numbers are in the README ("Results and how the settings were chosen").
 DEFAULTS = dict(epochs=40, batch_size=4096, learning_rate=0.1, temperature=1.0, groups=27, centring_noise=10.0,
-                noise_strategy="min_energy", weight_averaging=None, loss_grad_clip=0.5, optimizer="adam")
+                whitening_noise=10.0, whitening_floor=0.1, noise_strategy="min_energy", weight_averaging=None,
+                loss_grad_clip=0.5, optimizer="adam")
+#: Statistics released before training (``recipes.front_end``), not part of the training loop's TrainConfig.
+PREPROCESSING_SETTINGS = ("groups", "centring_noise", "whitening_noise", "whitening_floor")
+DEFAULT_FRONT_END = "scattering+fine-scattering+pixels"
 RADII = (0.0, 0.05, 0.1, 0.25, 0.5)
 SALIENCY_IMAGES = 8
 
 
-FRONT_ENDS = ("scattering", "pixels", "scattering+pixels")
-#: Weight of the pixels next to the scattering features in ``scattering+pixels`` (both parts have norm 1).
-PIXEL_WEIGHT = 0.5
+FRONT_ENDS = ("scattering+fine-scattering+pixels", "scattering+pixels", "scattering", "pixels")
 
 
-def unit_pixels(images: torch.Tensor) -> torch.Tensor:
-    """Each image flattened, centred on its own mean and scaled to norm 1 (per-sample: free in privacy)."""
-    flat = images.flatten(1)
-    flat = flat - flat.mean(dim=1, keepdim=True)
-    return flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-
-def combine(front_end: str, coefficients: torch.Tensor, images: torch.Tensor, groups: int) -> torch.Tensor:
-    """Scattering coefficients (N, C*K, h, w) -> the head's input: standardised coefficients (norm ~1), or those and
-    the pixels side by side ``[s, w * p] / sqrt(1 + w^2)`` (the pixels keep the detail scattering averages away)."""
-    features = per_sample_group_standardize(coefficients, groups)
-    if front_end == "scattering+pixels":
-        features = torch.cat([features, PIXEL_WEIGHT * unit_pixels(images)], dim=1) / (1 + PIXEL_WEIGHT**2) ** 0.5
-    return features
-
-
-def centre_and_rescale(features: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """Each sample minus the (privately released) training mean, scaled back to norm 1: the norm budget goes to
-    what distinguishes the samples, not to what they share (+0.4 points validation accuracy, README)."""
-    centred = features.flatten(1) - mean.flatten()
-    norms = centred.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    # in place on whole data sets (one copy of the features, not two); out of place when differentiated (saliency)
-    centred = centred / norms if centred.requires_grad else centred.div_(norms)
-    return centred.reshape(features.shape)
-
-
-def _features(dataset: TensorDataset, front_end: str, groups: int) -> TensorDataset:
+def _features(dataset: TensorDataset, front_end: str, groups: int) -> tuple[TensorDataset, list[ChannelBlock]]:
     """The fixed front end applied to a whole split (scattering coefficients are computed once and cached)."""
     x, y = dataset.tensors
     if front_end == "pixels":
-        return TensorDataset(x, y)
-    return TensorDataset(combine(front_end, scattering_features(x), x, groups), y)
+        return TensorDataset(x, y), []
+    features, blocks = front_end_features(front_end, x, groups)
+    return TensorDataset(features, y), blocks
 
 
 def logits_of_pixels(head: nn.Module, front_end: str, groups: int, image_shape: tuple[int, ...],
-                     flatten: bool, mean: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The trained head composed with its front end (and the centring by ``mean``, if any): logits as a
-    differentiable function of the images."""
-    transform = scattering_transform(tuple(image_shape[-2:])) if front_end != "pixels" else None
+                     flatten: bool, preprocessing: PrivatePreprocessing | None = None
+                     ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The trained head composed with its front end (and the private centring and whitening, if any): logits as
+    a differentiable function of the images."""
+    scatter = differentiable_scatter(tuple(image_shape[-2:]))
 
     def logits(images: torch.Tensor) -> torch.Tensor:
-        if transform is None:
+        if front_end == "pixels":
             features = images.flatten(1) if flatten else images
         else:
-            coefficients = transform(images)
-            coefficients = coefficients.reshape(len(images), -1, *coefficients.shape[-2:])
-            features = combine(front_end, coefficients, images, groups)
-        return head(features if mean is None else centre_and_rescale(features, mean))
+            features, _ = front_end_features(front_end, images, groups, scatter)
+        return head(features if preprocessing is None else preprocessing(features))
 
     return logits
 
@@ -131,15 +111,24 @@ def save_saliency_maps(logits: Callable[[torch.Tensor], torch.Tensor], images: t
     return path
 
 
-def prepare_data(dataset: str, front_end: str, groups: int, validation: bool, seed: int):
-    """(train, evaluation, input_shape, num_classes, description); evaluation = validation split if asked.
+class PreparedData(NamedTuple):
+    train: TensorDataset
+    evaluation: TensorDataset  # the validation split if asked, else the test split
+    input_shape: tuple[int, ...]
+    num_classes: int
+    description: str
+    blocks: list[ChannelBlock]  # where the scattering parts' (channels, positions) blocks sit in a row
 
-    Features are computed on the full official splits (and cached), then the validation split is taken."""
+
+def prepare_data(dataset: str, front_end: str, groups: int, validation: bool, seed: int) -> PreparedData:
+    """The front end's features of both splits. They are computed on the full official splits (scattering
+    coefficients cached), then the validation split is taken if asked."""
     splits = load_dataset(dataset, seed=seed)
-    train, evaluation = _features(splits.train, front_end, groups), _features(splits.test, front_end, groups)
+    (train, blocks), (evaluation, _) = (_features(d, front_end, groups) for d in (splits.train, splits.test))
     if validation:
         train, evaluation = train_validation_split(train, 0.1, seed=seed)
-    return train, evaluation, tuple(train.tensors[0].shape[1:]), splits.num_classes, splits.description
+    return PreparedData(train, evaluation, tuple(train.tensors[0].shape[1:]), splits.num_classes,
+                        splits.description, blocks)
 
 
 def build_model(head: str, input_shape: tuple[int, ...], num_classes: int, widths=(16, 32, 64)) -> nn.Module:
@@ -150,18 +139,19 @@ def build_model(head: str, input_shape: tuple[int, ...], num_classes: int, width
 
 
 def run(dataset: str = "fashion-mnist", epsilon: float = 3.0, delta: float = 1e-5, seed: int = 0,
-        front_end: str = "scattering+pixels", head: str = "linear", validation: bool = False, progress: bool = True,
+        front_end: str = DEFAULT_FRONT_END, head: str = "linear", validation: bool = False, progress: bool = True,
         saliency: Path | None = None, **overrides) -> dict:
     """One private training run; returns accuracy, certified accuracy, (epsilon, delta), timings. With
     ``saliency``, also saves the input-gradient maps of the first test images there (PNG)."""
-    if front_end not in FRONT_ENDS:
-        raise ValueError(f"unknown front end {front_end!r}; choose from {', '.join(FRONT_ENDS)}")
+    if front_end != "pixels":
+        parse_front_end(front_end)
     if head == "cnn" and front_end != "pixels":
         raise ValueError(f"the cnn head convolves images: use front_end='pixels' (the {front_end} front end gives "
                          "flat feature vectors, for the linear head)")
     settings = {**DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}}
-    groups, centring_noise = settings.pop("groups"), settings.pop("centring_noise")
-    train, evaluation, input_shape, num_classes, description = prepare_data(
+    preprocessing_settings = {name: settings.pop(name) for name in PREPROCESSING_SETTINGS}
+    groups = preprocessing_settings["groups"]
+    train, evaluation, input_shape, num_classes, description, blocks = prepare_data(
         dataset, front_end, groups, validation, seed)
     if head == "linear" and front_end == "pixels":
         train = TensorDataset(train.tensors[0].flatten(1), train.tensors[1])
@@ -171,11 +161,12 @@ def run(dataset: str = "fashion-mnist", epsilon: float = 3.0, delta: float = 1e-
     config = TrainConfig(epsilon=epsilon, delta=delta, seed=seed,
                          batch_size=min(settings.pop("batch_size"), len(train)), **settings)
     engine = LipDPEngine(accountant=config.accountant, seed=seed)
-    mean = None
-    if centring_noise:  # the training features' mean, released privately (accounted in the same budget)
-        mean = engine.private_mean(train.tensors[0], centring_noise, norm_bound=config.input_norm_bound)
-        train, evaluation = (TensorDataset(centre_and_rescale(d.tensors[0], mean), d.tensors[1])
-                             for d in (train, evaluation))
+    # statistics of the training features, released privately (accounted in the same budget)
+    preprocessing, train_rows = release_preprocessing(
+        engine, train.tensors[0], blocks, preprocessing_settings["centring_noise"],
+        preprocessing_settings["whitening_noise"], preprocessing_settings["whitening_floor"])
+    train = TensorDataset(train_rows, train.tensors[1])
+    evaluation = TensorDataset(preprocessing(evaluation.tensors[0]), evaluation.tensors[1])
     result, engine = train_private(model, train, evaluation, config, progress=progress, engine=engine)
     lipschitz = engine.lipschitz_constant()
     certified = {str(r): certified_accuracy(model, evaluation, r, lipschitz) for r in RADII}
@@ -185,12 +176,13 @@ def run(dataset: str = "fashion-mnist", epsilon: float = 3.0, delta: float = 1e-
         released.load_state_dict(model.state_dict())
         images, labels = load_dataset(dataset, seed=seed).test.tensors
         logits = logits_of_pixels(released.eval(), front_end, groups, tuple(images.shape[1:]),
-                                  flatten=head == "linear", mean=mean)
+                                  flatten=head == "linear", preprocessing=preprocessing)
         save_saliency_maps(logits, images[:SALIENCY_IMAGES], labels[:SALIENCY_IMAGES], saliency)
     return {
         "dataset": dataset, "description": description, "front_end": front_end, "head": head,
         "evaluated_on": "validation" if validation else "test", "config": asdict(config),
-        "centring_noise": centring_noise or None,
+        "centring_noise": preprocessing_settings["centring_noise"] or None,
+        "whitening_noise": (preprocessing_settings["whitening_noise"] or None) if blocks else None,
         "accuracy": result.test_accuracy, "epsilon": result.epsilon, "delta": delta,
         "noise_multiplier": result.noise_multiplier, "steps": result.steps, "train_seconds": result.seconds,
         "lipschitz": lipschitz, "certified_accuracy": certified, "epochs": result.epoch_log,
@@ -213,8 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, digits, cifar10, ...")
     parser.add_argument("--epsilons", type=float, nargs="+", default=[3.0], help="target epsilons, one run each")
     parser.add_argument("--delta", type=float, default=1e-5, help="target delta")
-    parser.add_argument("--front-end", choices=FRONT_ENDS, default="scattering+pixels",
-                        help="fixed per-sample feature extractor (free in privacy)")
+    parser.add_argument("--front-end", choices=FRONT_ENDS, default=DEFAULT_FRONT_END,
+                        help=f"fixed per-sample feature extractor (free in privacy), default {DEFAULT_FRONT_END}")
     parser.add_argument("--head", choices=("linear", "cnn"), default="linear", help="trainable Lipschitz model")
     parser.add_argument("--epochs", type=int, default=None, help=f"default {DEFAULTS['epochs']}")
     parser.add_argument("--batch-size", type=int, default=None, help=f"expected Poisson batch, default {DEFAULTS['batch_size']}")
@@ -225,7 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--groups", type=int, default=None, help="per-sample standardisation groups of scattering channels")
     parser.add_argument("--centring-noise", type=float, default=None, metavar="SIGMA",
                         help="noise multiplier of the private training-feature mean the features are centred on "
-                             f"(0: no centring); accounted in the budget; default {DEFAULTS['centring_noise']}"),
+                             f"(0: no centring); accounted in the budget; default {DEFAULTS['centring_noise']}")
+    parser.add_argument("--whitening-noise", type=float, default=None, metavar="SIGMA",
+                        help="noise multiplier of the private channel second moments that whiten the scattering "
+                             f"channels (0: no whitening); accounted in the budget; default {DEFAULTS['whitening_noise']}")
+    parser.add_argument("--whitening-floor", type=float, default=None,
+                        help="eigenvalue floor of the whitening, as a fraction of the mean eigenvalue; default "
+                             f"{DEFAULTS['whitening_floor']}")
     parser.add_argument("--noise-strategy", choices=("global", "per_layer", "min_energy"), default=None,
                         help=f"noise allocation, default {DEFAULTS['noise_strategy']}")
     parser.add_argument("--loss-grad-clip", type=float, default=None, help="clip each sample's logit gradient to this norm")
@@ -245,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     overrides = {k: getattr(args, k) for k in ("epochs", "batch_size", "learning_rate", "temperature", "groups",
-                                               "centring_noise", "noise_strategy", "loss_grad_clip",
+                                               "centring_noise", "whitening_noise", "whitening_floor",
+                                               "noise_strategy", "loss_grad_clip",
                                                "weight_averaging", "optimizer")}
     results = []
     for epsilon in args.epsilons:

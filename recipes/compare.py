@@ -182,9 +182,11 @@ def lipdp_classify(settings: CompareSettings) -> dict:
     result = run(settings.dataset, epsilon=settings.epsilon, delta=settings.delta, seed=settings.seed,
                  epochs=settings.epochs, batch_size=settings.lipdp_batch_size,
                  learning_rate=settings.lipdp_learning_rate, progress=settings.progress)
-    centring = f", centred on a private mean (noise multiplier {result['centring_noise']:g})" \
-        if result["centring_noise"] else ""
-    return {"model": f"{result['front_end']} front end{centring} + {result['head']} head (recipes.classify)",
+    statistics = [f"{what} (noise multiplier {result[key]:g})" for what, key in (
+        ("centred on a private mean", "centring_noise"), ("whitened by private channel moments", "whitening_noise"))
+        if result[key]]
+    preprocessing = "".join(f", {part}" for part in statistics)
+    return {"model": f"{result['front_end']} front end{preprocessing} + {result['head']} head (recipes.classify)",
             "test_accuracy": result["accuracy"], "epsilon": result["epsilon"],
             "noise_multiplier": result["noise_multiplier"], "steps": result["steps"],
             "batch_size": result["config"]["batch_size"], "train_seconds": result["train_seconds"],

@@ -7,10 +7,7 @@ import json
 import pytest
 import torch
 
-from torch.utils.data import TensorDataset
-
 from lipdp.cli import main as lipdp_main
-from lipdp.datasets import load_dataset
 from lipdp.training import make_optimizer
 from recipes import classify
 
@@ -61,13 +58,6 @@ def test_lipdp_train_command_writes_json_and_plot(tmp_path, capsys):
     assert plot.stat().st_size > 0 and "test accuracy" in capsys.readouterr().out
 
 
-def test_unit_pixels_are_centred_unit_vectors():
-    pixels = classify.unit_pixels(torch.rand(5, 1, 8, 8) * 3)
-    assert pixels.shape == (5, 64)
-    assert torch.allclose(pixels.norm(dim=1), torch.ones(5), atol=1e-6)
-    assert torch.allclose(pixels.mean(dim=1), torch.zeros(5), atol=1e-6)
-
-
 def test_classify_refuses_a_cnn_head_on_flat_features():
     with pytest.raises(ValueError, match="front_end='pixels'"):
         classify.run("digits", front_end="scattering", head="cnn", epochs=1, progress=False)
@@ -75,7 +65,8 @@ def test_classify_refuses_a_cnn_head_on_flat_features():
 
 @pytest.mark.slow
 def test_scattering_plus_pixels_features_have_norm_one_and_train_on_digits():
-    train, _, shape, _, _ = classify.prepare_data("digits", "scattering+pixels", 27, validation=False, seed=0)
+    prepared = classify.prepare_data("digits", "scattering+pixels", 27, validation=False, seed=0)
+    train, shape = prepared.train, prepared.input_shape
     assert shape == (81 * 2 * 2 + 64,)  # J=2 scattering of 8x8 images (81 x 2 x 2), then the 64 pixels
     norms = train.tensors[0].norm(dim=1)
     assert torch.allclose(norms, torch.ones_like(norms), atol=1e-3)
@@ -91,39 +82,16 @@ def test_saliency_maps_of_the_private_model_on_digits(tmp_path):
     assert path.stat().st_size > 10_000
 
 
-def test_pixel_logits_match_the_cached_features():
-    # The differentiable front end used for saliency is the one the head was trained on.
-    images = load_dataset("digits").test.tensors[0][:6]
-    head = classify.build_model("linear", (81 * 2 * 2 + 64,), 10)
-    cached = classify._features(TensorDataset(images, torch.zeros(6)), "scattering+pixels", 27).tensors[0]
-    logits = classify.logits_of_pixels(head, "scattering+pixels", 27, (1, 8, 8), flatten=True)
-    assert torch.allclose(logits(images), head(cached), atol=1e-5)
-
-
-def test_pixel_logits_include_the_centring():
-    images = load_dataset("digits").test.tensors[0][:6]
-    head = classify.build_model("linear", (81 * 2 * 2 + 64,), 10)
-    cached = classify._features(TensorDataset(images, torch.zeros(6)), "scattering+pixels", 27).tensors[0]
-    mean = cached.mean(dim=0)
-    logits = classify.logits_of_pixels(head, "scattering+pixels", 27, (1, 8, 8), flatten=True, mean=mean)
-    assert torch.allclose(logits(images), head(classify.centre_and_rescale(cached, mean)), atol=1e-5)
-
-
-def test_centre_and_rescale_gives_unit_vectors_along_the_centred_features():
-    features = torch.rand(7, 2, 3) + 1.0
-    mean = features.mean(dim=0)
-    out = classify.centre_and_rescale(features, mean)
-    assert out.shape == features.shape
-    flat, centred = out.flatten(1), (features - mean).flatten(1)
-    assert torch.allclose(flat.norm(dim=1), torch.ones(7), atol=1e-6)
-    assert torch.allclose(flat * centred.norm(dim=1, keepdim=True), centred, atol=1e-6)
-
-
-def test_classify_centring_is_paid_from_the_same_budget():
-    """The private mean is one more Gaussian mechanism: training gets more noise and the total stays within ε."""
-    centred = classify.run("digits", epsilon=3.0, epochs=1, batch_size=256, progress=False)
-    plain = classify.run("digits", epsilon=3.0, epochs=1, batch_size=256, progress=False, centring_noise=0)
-    assert centred["centring_noise"] == classify.DEFAULTS["centring_noise"] and plain["centring_noise"] is None
-    assert centred["noise_multiplier"] > plain["noise_multiplier"]
-    assert centred["epsilon"] <= 3.0 and plain["epsilon"] <= 3.0
-    assert centred["epsilon"] > plain["epsilon"] - 0.05  # both spend (nearly) the whole budget
+def test_classify_centring_and_whitening_are_paid_from_the_same_budget():
+    """The private mean and channel moments are two more Gaussian mechanisms: training gets more noise with each
+    and the total stays within ε."""
+    both = classify.run("digits", epsilon=3.0, epochs=1, batch_size=256, progress=False)
+    centred = classify.run("digits", epsilon=3.0, epochs=1, batch_size=256, progress=False, whitening_noise=0)
+    plain = classify.run("digits", epsilon=3.0, epochs=1, batch_size=256, progress=False, centring_noise=0,
+                         whitening_noise=0)
+    assert both["centring_noise"] == classify.DEFAULTS["centring_noise"]
+    assert both["whitening_noise"] == classify.DEFAULTS["whitening_noise"]
+    assert centred["whitening_noise"] is None and plain["centring_noise"] is None
+    assert both["noise_multiplier"] > centred["noise_multiplier"] > plain["noise_multiplier"]
+    for result in (both, centred, plain):
+        assert 3.0 - 0.05 < result["epsilon"] <= 3.0  # each spends (nearly) the whole budget

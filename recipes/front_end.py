@@ -1,0 +1,179 @@
+"""The classification recipe's fixed front end, and the private statistics that centre and whiten its features.
+
+**Front end** (per sample, hence free in privacy, DESIGN.md §2): a ``+``-joined list of parts, each of norm 1 per
+sample, concatenated as ``[w_1 f_1, ..., w_k f_k] / sqrt(sum_j w_j^2)`` (so each row has norm 1):
+
+* ``scattering``: the J = 2 wavelet scattering transform (81 channels at (H/4) x (W/4) positions), standardised per
+  sample in ``groups`` channel groups (Tramèr & Boneh 2021);
+* ``fine-scattering``: the J = 1 transform (9 channels at (H/2) x (W/2) positions), standardised the same way in
+  groups of 3 channels: finer spatial detail than J = 2 (+0.13 validation points next to the other parts, README);
+* ``pixels``: the image centred on its own mean (``unit_pixels``).
+
+**Private preprocessing** (statistics across samples are not free: each is one Gaussian mechanism released through
+the engine, ``LipDPEngine.private_mean`` / ``private_channel_moments``, and paid from the same (ε, δ)):
+
+* centring: each row minus the private training mean, rescaled to norm 1 (``centre_and_rescale``);
+* whitening: each scattering part's channels multiplied by ``M = (S + λ0 I)^(-1/2)`` (trace-preserving scale), with
+  ``S`` the private channel second moments of the centred rows (tied over positions, ``lipdp.statistics``) and
+  ``λ0 = floor * tr(S) / C``; then the row is rescaled to norm 1. The top channel direction carries 45% of the
+  scattering part's energy after centring; damping it spends the norm budget on what tells classes apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from lipdp.engine import LipDPEngine
+from lipdp.scattering import per_sample_group_standardize, scattering_features, scattering_transform
+from lipdp.statistics import ChannelBlock, channel_moments_sensitivity
+
+#: Weight of each part (all parts have norm 1 per sample before weighting).
+PART_WEIGHTS = {"scattering": 1.0, "fine-scattering": 0.5, "pixels": 0.5}
+#: Scattering scale J of each scattering part.
+SCATTERING_SCALES = {"scattering": 2, "fine-scattering": 1}
+#: Standardisation groups of the J = 1 part (9 channels: 3 per group, as 27 groups of the J = 2 part's 81).
+FINE_SCATTERING_GROUPS = 3
+_CHUNK_ROWS = 4096
+
+#: (images, J) -> scattering coefficients (N, C, h, w): cached features, or the differentiable transform.
+Scatter = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def parse_front_end(front_end: str) -> tuple[str, ...]:
+    """``"scattering+pixels"`` -> ("scattering", "pixels"), with a clear error for unknown or repeated parts."""
+    parts = tuple(front_end.split("+"))
+    unknown = [p for p in parts if p not in PART_WEIGHTS]
+    if unknown or len(set(parts)) != len(parts):
+        raise ValueError(f"front end {front_end!r}: use '+'-joined distinct parts among {', '.join(PART_WEIGHTS)} "
+                         "(e.g. 'scattering+fine-scattering+pixels')")
+    return parts
+
+
+def unit_pixels(images: torch.Tensor) -> torch.Tensor:
+    """Each image flattened, centred on its own mean and scaled to norm 1 (per-sample: free in privacy)."""
+    flat = images.flatten(1)
+    flat = flat - flat.mean(dim=1, keepdim=True)
+    return flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def cached_scatter(images: torch.Tensor, J: int) -> torch.Tensor:
+    """Scattering coefficients of a whole split, computed once and cached on disk (``lipdp.scattering``)."""
+    return scattering_features(images, J=J)
+
+
+def differentiable_scatter(image_shape: tuple[int, int]) -> Scatter:
+    """The scattering transforms as differentiable functions of the images (one transform per scale)."""
+    transforms: dict[int, torch.nn.Module] = {}
+
+    def scatter(images: torch.Tensor, J: int) -> torch.Tensor:
+        if J not in transforms:
+            transforms[J] = scattering_transform(image_shape, J=J)
+        coefficients = transforms[J](images)
+        return coefficients.reshape(len(images), -1, *coefficients.shape[-2:])
+
+    return scatter
+
+
+def front_end_features(front_end: str, images: torch.Tensor, groups: int,
+                       scatter: Scatter = cached_scatter) -> tuple[torch.Tensor, list[ChannelBlock]]:
+    """(N, C, H, W) images -> (rows of norm 1, where each scattering part's (channels, positions) block sits)."""
+    names = parse_front_end(front_end)
+    total_weight = sum(PART_WEIGHTS[name] ** 2 for name in names) ** 0.5
+    parts, blocks, start = [], [], 0
+    for name in names:
+        if name == "pixels":
+            part = unit_pixels(images)
+        else:
+            coefficients = scatter(images, SCATTERING_SCALES[name])
+            part_groups = groups if name == "scattering" else FINE_SCATTERING_GROUPS
+            part = per_sample_group_standardize(coefficients, part_groups)
+            blocks.append(ChannelBlock(start, coefficients.shape[1], coefficients[0, 0].numel()))
+        parts.append(part * (PART_WEIGHTS[name] / total_weight))
+        start += part.shape[1]
+    return torch.cat(parts, dim=1), blocks
+
+
+def _rescale(rows: torch.Tensor) -> torch.Tensor:
+    norms = rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return rows / norms if rows.requires_grad else rows.div_(norms)
+
+
+def centre_and_rescale(features: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Each sample minus the (privately released) training mean, scaled back to norm 1: the norm budget goes to
+    what distinguishes the samples, not to what they share (+0.4 points validation accuracy, README).
+    In place on whole data sets (one copy of the features, not two); out of place when differentiated."""
+    centred = features.flatten(1) - mean.flatten()
+    return _rescale(centred).reshape(features.shape)
+
+
+def channel_whitener(moment: torch.Tensor, floor: float, noise_std: float = 0.0) -> torch.Tensor:
+    """``c * U diag((λ⁺ + λ0)^(-1/2)) U^T`` for the released moment ``S = U diag(λ) U^T`` (noise may make some λ < 0:
+    λ⁺ = max(λ, 0)), and ``c`` such that the whitened part keeps its energy: ``c^2 sum λ⁺ / (λ⁺ + λ0) = sum λ⁺``
+    (so the parts keep their relative weights). The floor ``λ0 = max(floor * sum(λ⁺) / C, 2 noise_std sqrt(C))``
+    never goes below the noise's spectral norm (about 2 s sqrt(C) for symmetric Gaussian noise of std s per
+    entry, Wigner's semicircle): directions the noise could have made are not amplified."""
+    if not floor > 0:
+        raise ValueError(f"the whitening floor must be > 0, got {floor}")
+    eigenvalues, vectors = torch.linalg.eigh(moment.double())
+    eigenvalues = eigenvalues.clamp_min(0)
+    energy, channels = eigenvalues.sum(), len(eigenvalues)
+    if not energy > 0:
+        return torch.eye(channels)
+    lowest = max(floor * energy / channels, 2 * noise_std * channels**0.5)
+    scales = (eigenvalues + lowest).rsqrt()
+    scales = scales * (energy / (eigenvalues * scales**2).sum()).sqrt()
+    return ((vectors * scales) @ vectors.T).float()
+
+
+@dataclass
+class PrivatePreprocessing:
+    """Centring and whitening with released statistics: ``preprocessing(rows)`` applies both (then norm 1)."""
+
+    mean: torch.Tensor | None = None
+    whiteners: list[tuple[ChannelBlock, torch.Tensor]] = field(default_factory=list)
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.whiten(self.centre(rows))
+
+    def centre(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows if self.mean is None else centre_and_rescale(rows, self.mean)
+
+    def whiten(self, rows: torch.Tensor) -> torch.Tensor:
+        """Each whitened block multiplied by its matrix (channels mixed at every position), then norm 1.
+        In place, in chunks, on whole data sets; out of place when differentiated."""
+        if not self.whiteners:
+            return rows
+        if rows.requires_grad:
+            return self._whitened(rows)
+        for chunk in rows.split(_CHUNK_ROWS):
+            chunk.copy_(self._whitened(chunk))
+        return rows
+
+    def _whitened(self, rows: torch.Tensor) -> torch.Tensor:
+        pieces, done = [], 0
+        for block, matrix in sorted(self.whiteners, key=lambda item: item[0].start):
+            pieces.append(rows[:, done:block.start])
+            pieces.append(torch.einsum("cd,ndp->ncp", matrix, block.view(rows)).flatten(1))
+            done = block.stop
+        pieces.append(rows[:, done:])
+        return _rescale(torch.cat(pieces, dim=1))
+
+
+def release_preprocessing(engine: LipDPEngine, train_rows: torch.Tensor, blocks: list[ChannelBlock],
+                          centring_noise: float | None, whitening_noise: float | None,
+                          whitening_floor: float) -> tuple[PrivatePreprocessing, torch.Tensor]:
+    """Release the statistics through ``engine`` (each accounted there; a noise multiplier of 0/None skips it) and
+    preprocess the training rows with them, in place. Returns (the preprocessing for other splits, the rows)."""
+    preprocessing = PrivatePreprocessing()
+    if centring_noise:
+        preprocessing.mean = engine.private_mean(train_rows, centring_noise, norm_bound=1.0)
+        train_rows = preprocessing.centre(train_rows)
+    if whitening_noise and blocks:
+        moments = engine.private_channel_moments(train_rows, blocks, whitening_noise, norm_bound=1.0)
+        noise_std = whitening_noise * channel_moments_sensitivity(1.0)
+        preprocessing.whiteners = [(b, channel_whitener(m, whitening_floor, noise_std)) for b, m in zip(blocks, moments)]
+        train_rows = preprocessing.whiten(train_rows)
+    return preprocessing, train_rows

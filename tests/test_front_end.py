@@ -1,0 +1,135 @@
+"""The classification recipe's front end and its private preprocessing (recipes.front_end): layout, centring,
+whitening, and the differentiable path used for saliency maps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from lipdp import LipDPEngine
+from lipdp.datasets import load_dataset
+from lipdp.statistics import ChannelBlock, channel_moments_query
+from recipes import classify
+from recipes.front_end import (
+    PART_WEIGHTS, PrivatePreprocessing, centre_and_rescale, channel_whitener, front_end_features, parse_front_end,
+    release_preprocessing, unit_pixels,
+)
+
+FRONT_END = "scattering+fine-scattering+pixels"
+DIGITS_FEATURES = 81 * 2 * 2 + 9 * 4 * 4 + 64  # J=2 (81 x 2 x 2) and J=1 (9 x 4 x 4) of 8x8 images, 64 pixels
+
+
+def _digits_images(n: int = 6) -> torch.Tensor:
+    return load_dataset("digits").test.tensors[0][:n]
+
+
+def test_unit_pixels_are_centred_unit_vectors():
+    pixels = unit_pixels(torch.rand(5, 1, 8, 8) * 3)
+    assert pixels.shape == (5, 64)
+    assert torch.allclose(pixels.norm(dim=1), torch.ones(5), atol=1e-6)
+    assert torch.allclose(pixels.mean(dim=1), torch.zeros(5), atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", ["scattering+wavelets", "pixels+pixels", ""])
+def test_unknown_or_repeated_parts_are_refused_with_the_choices(bad):
+    with pytest.raises(ValueError, match="fine-scattering"):
+        parse_front_end(bad)
+
+
+def test_front_end_rows_have_norm_one_and_blocks_point_at_the_weighted_scattering_parts():
+    images = _digits_images()
+    rows, blocks = front_end_features(FRONT_END, images, groups=27)
+    assert rows.shape == (6, DIGITS_FEATURES)
+    assert torch.allclose(rows.norm(dim=1), torch.ones(6), atol=1e-3)  # eps of the standardisation
+    assert blocks == [ChannelBlock(0, 81, 4), ChannelBlock(324, 9, 16)]
+    total_weight = sum(w**2 for w in PART_WEIGHTS.values()) ** 0.5
+    pixels = rows[:, blocks[1].stop:]
+    assert torch.allclose(pixels, unit_pixels(images) * PART_WEIGHTS["pixels"] / total_weight, atol=1e-6)
+    # each scattering block is its part, standardised per sample: norm = its weight over the total weight
+    for block, name in zip(blocks, ("scattering", "fine-scattering")):
+        norms = block.view(rows).flatten(1).norm(dim=1)
+        assert torch.allclose(norms, torch.full((6,), PART_WEIGHTS[name] / total_weight), atol=1e-3)
+
+
+def test_centre_and_rescale_gives_unit_vectors_along_the_centred_features():
+    features = torch.rand(7, 2, 3) + 1.0
+    mean = features.mean(dim=0)
+    out = centre_and_rescale(features.clone(), mean)
+    assert out.shape == features.shape
+    flat, centred = out.flatten(1), (features - mean).flatten(1)
+    assert torch.allclose(flat.norm(dim=1), torch.ones(7), atol=1e-6)
+    assert torch.allclose(flat * centred.norm(dim=1, keepdim=True), centred, atol=1e-6)
+
+
+def _correlated_channels(n=4000, channels=6, positions=5, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(channels, channels, generator=g) * torch.logspace(0, -2, channels)
+    return torch.einsum("cd,ndp->ncp", mixing, torch.randn(n, channels, positions, generator=g))
+
+
+def test_whitener_with_exact_moments_flattens_the_spectrum_and_keeps_the_energy():
+    x = _correlated_channels()
+    block = ChannelBlock(0, 6, 5)
+    (moment,) = channel_moments_query(x.flatten(1), [block], norm_bound=1e9)
+    matrix = channel_whitener(moment, floor=1e-6).double()
+    whitened = matrix @ moment @ matrix.T
+    before, after = torch.linalg.eigvalsh(moment), torch.linalg.eigvalsh(whitened)
+    assert before.max() / before.min() > 1e3
+    assert after.max() / after.min() < 1.05  # a floor near 0: full whitening (float32 matrix)
+    assert whitened.trace().item() == pytest.approx(moment.trace().item(), rel=1e-6)  # energy kept
+    assert torch.allclose(matrix, matrix.T)
+
+
+def test_whitener_floor_limits_the_amplification_and_a_huge_floor_is_the_identity():
+    (moment,) = channel_moments_query(_correlated_channels().flatten(1), [ChannelBlock(0, 6, 5)], norm_bound=1e9)
+    gains = torch.linalg.eigvalsh(channel_whitener(moment, floor=0.5).double())
+    assert gains.max() / gains.min() <= (1 + 1 / 0.5) ** 0.5 * 6**0.5  # at most sqrt((λmax + λ0) / λ0)
+    assert torch.allclose(channel_whitener(moment, floor=1e9), torch.eye(6), atol=1e-4)
+    with pytest.raises(ValueError, match="floor"):
+        channel_whitener(moment, floor=0.0)
+
+
+def test_whitener_floor_never_goes_below_the_noise_level():
+    """With noise of std s per entry, eigen-directions below ~2 s sqrt(C) may be noise: they are not amplified."""
+    (moment,) = channel_moments_query(_correlated_channels().flatten(1), [ChannelBlock(0, 6, 5)], norm_bound=1e9)
+    noise_std = moment.trace().item()  # a noise level far above every eigenvalue
+    assert torch.allclose(channel_whitener(moment, floor=1e-6, noise_std=noise_std),
+                          channel_whitener(moment, floor=2 * 6**0.5 * noise_std * 6 / moment.trace().item()),
+                          atol=1e-5)
+
+
+def test_preprocessing_in_place_on_data_sets_equals_the_differentiable_path():
+    rows, blocks = front_end_features(FRONT_END, _digits_images(40), groups=27)
+    engine = LipDPEngine(seed=0)
+    preprocessing, train_rows = release_preprocessing(engine, rows.clone(), blocks, centring_noise=10.0,
+                                                      whitening_noise=10.0, whitening_floor=0.1)
+    assert [entry.to_list() for entry in engine.accountant.history] == [[10.0, 1.0, 2]]  # two releases at q = 1
+    assert len(preprocessing.whiteners) == 2
+    differentiable = preprocessing(rows.clone().requires_grad_(True))
+    assert torch.allclose(train_rows, differentiable.detach(), atol=1e-5)
+    assert torch.allclose(train_rows.norm(dim=1), torch.ones(40), atol=1e-5)
+    assert not torch.allclose(train_rows, preprocessing.centre(rows.clone()), atol=1e-3)  # whitening did act
+
+
+def test_preprocessing_skips_what_has_no_noise_multiplier():
+    rows, blocks = front_end_features(FRONT_END, _digits_images(10), groups=27)
+    engine = LipDPEngine(seed=0)
+    preprocessing, out = release_preprocessing(engine, rows.clone(), blocks, None, 0.0, 0.1)
+    assert preprocessing.mean is None and preprocessing.whiteners == [] and engine.accountant.history == []
+    assert torch.equal(out, rows)
+    assert torch.equal(PrivatePreprocessing()(rows.clone()), rows)
+
+
+def test_pixel_logits_match_the_preprocessed_cached_features():
+    # The differentiable front end used for saliency is the one the head was trained on, preprocessing included.
+    images = _digits_images()
+    head = classify.build_model("linear", (DIGITS_FEATURES,), 10)
+    cached, blocks = classify._features(TensorDataset(images, torch.zeros(6)), FRONT_END, 27)
+    assert blocks
+    preprocessing, _ = release_preprocessing(LipDPEngine(seed=1), cached.tensors[0].clone(), blocks, 10.0, 10.0, 0.1)
+    plain = classify.logits_of_pixels(head, FRONT_END, 27, (1, 8, 8), flatten=True)
+    assert torch.allclose(plain(images), head(cached.tensors[0]), atol=1e-5)
+    preprocessed = classify.logits_of_pixels(head, FRONT_END, 27, (1, 8, 8), flatten=True,
+                                             preprocessing=preprocessing)
+    assert torch.allclose(preprocessed(images), head(preprocessing(cached.tensors[0].clone())), atol=1e-5)
