@@ -7,7 +7,7 @@ Every (data set, epsilon, side) is one run of ``recipes.compare``'s side in its 
 settings for that data set (``DATASET_SETTINGS``: chosen on validation splits, never on the test split) and the
 same delta and epochs on both sides. Fixed front-end features are computed once and cached between runs (the
 comparison, not this table, times a clean setup). Writes the ``accuracy`` section of ``benchmarks/RESULTS.md``
-and a JSON file of every run.
+and a JSON file of every run (``benchmarks/accuracy.json``, tracked: ``--append`` adds runs to it).
 """
 
 from __future__ import annotations
@@ -22,12 +22,14 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from benchmarks.report import OUT_DIR, RESULTS, load_average, machine_paragraph, table, write_json, write_section
+from benchmarks.report import RESULTS, load_average, machine_paragraph, table, write_json, write_section
 from recipes.compare import SIDES, CompareSettings, run_isolated_side
 
 logger = logging.getLogger(__name__)
 
 SECTION = "accuracy"
+#: The runs behind the table (small: one record per run), kept next to RESULTS.md.
+RUNS = RESULTS.with_name("accuracy.json")
 #: Per data set: the comparison's settings at every epsilon (Fashion-MNIST: ``CompareSettings``'s defaults;
 #: digits: 1,437 training images, so smaller batches and more epochs).
 DATASET_SETTINGS = {
@@ -105,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                              "epsilon and side) and rebuild the table from all of them")
     parser.add_argument("--rebuild", action="store_true", help="run nothing: rewrite the section from --json")
     parser.add_argument("--results", type=Path, default=RESULTS, help="markdown file whose section is rewritten")
-    parser.add_argument("--json", type=Path, default=OUT_DIR / f"{SECTION}.json", help="every run's result (JSON)")
+    parser.add_argument("--json", type=Path, default=RUNS, help="every run's result (JSON; the default is tracked in "
+                        "git, so that --append and --rebuild work from a fresh clone)")
     parser.add_argument("--no-progress", action="store_true", help="hide the runs' progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each run")
     args = parser.parse_args(argv)
