@@ -143,8 +143,7 @@ def run(dataset: str = "fashion-mnist", epsilon: float = 3.0, delta: float = 1e-
         saliency: Path | None = None, **overrides) -> dict:
     """One private training run; returns accuracy, certified accuracy, (epsilon, delta), timings. With
     ``saliency``, also saves the input-gradient maps of the first test images there (PNG)."""
-    if front_end != "pixels":
-        parse_front_end(front_end)
+    parse_front_end(front_end)  # a clear error for unknown parts
     if head == "cnn" and front_end != "pixels":
         raise ValueError(f"the cnn head convolves images: use front_end='pixels' (the {front_end} front end gives "
                          "flat feature vectors, for the linear head)")

@@ -15,7 +15,8 @@ the engine, ``LipDPEngine.private_mean`` / ``private_channel_moments``, and paid
 * centring: each row minus the private training mean, rescaled to norm 1 (``centre_and_rescale``);
 * whitening: each scattering part's channels multiplied by ``M = (S + λ0 I)^(-1/2)`` (trace-preserving scale), with
   ``S`` the private channel second moments of the centred rows (tied over positions, ``lipdp.statistics``) and
-  ``λ0 = floor * tr(S) / C``; then the row is rescaled to norm 1. The top channel direction carries 45% of the
+  ``λ0`` the larger of ``floor * tr(S) / C`` and the noise's spectral norm (``channel_whitener``); then the row is
+  rescaled to norm 1. The top channel direction carries 45% of the
   scattering part's energy after centring; damping it spends the norm budget on what tells classes apart.
 """
 
@@ -38,7 +39,8 @@ SCATTERING_SCALES = {"scattering": 2, "fine-scattering": 1}
 FINE_SCATTERING_GROUPS = 3
 _CHUNK_ROWS = 4096
 
-#: (images, J) -> scattering coefficients (N, C, h, w): cached features, or the differentiable transform.
+#: (images, J) -> scattering coefficients (N, C, h, w): ``scattering_features`` (a whole split, computed once and
+#: cached on disk), or the differentiable transform.
 Scatter = Callable[[torch.Tensor, int], torch.Tensor]
 
 
@@ -59,11 +61,6 @@ def unit_pixels(images: torch.Tensor) -> torch.Tensor:
     return flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-def cached_scatter(images: torch.Tensor, J: int) -> torch.Tensor:
-    """Scattering coefficients of a whole split, computed once and cached on disk (``lipdp.scattering``)."""
-    return scattering_features(images, J=J)
-
-
 def differentiable_scatter(image_shape: tuple[int, int]) -> Scatter:
     """The scattering transforms as differentiable functions of the images (one transform per scale)."""
     transforms: dict[int, torch.nn.Module] = {}
@@ -78,7 +75,7 @@ def differentiable_scatter(image_shape: tuple[int, int]) -> Scatter:
 
 
 def front_end_features(front_end: str, images: torch.Tensor, groups: int,
-                       scatter: Scatter = cached_scatter) -> tuple[torch.Tensor, list[ChannelBlock]]:
+                       scatter: Scatter = scattering_features) -> tuple[torch.Tensor, list[ChannelBlock]]:
     """(N, C, H, W) images -> (rows of norm 1, where each scattering part's (channels, positions) block sits)."""
     names = parse_front_end(front_end)
     total_weight = sum(PART_WEIGHTS[name] ** 2 for name in names) ** 0.5
@@ -167,13 +164,13 @@ def release_preprocessing(engine: LipDPEngine, train_rows: torch.Tensor, blocks:
                           whitening_floor: float) -> tuple[PrivatePreprocessing, torch.Tensor]:
     """Release the statistics through ``engine`` (each accounted there; a noise multiplier of 0/None skips it) and
     preprocess the training rows with them, in place. Returns (the preprocessing for other splits, the rows)."""
-    preprocessing = PrivatePreprocessing()
+    preprocessing, norm_bound = PrivatePreprocessing(), 1.0  # the front end's rows have norm 1
     if centring_noise:
-        preprocessing.mean = engine.private_mean(train_rows, centring_noise, norm_bound=1.0)
+        preprocessing.mean = engine.private_mean(train_rows, centring_noise, norm_bound)
         train_rows = preprocessing.centre(train_rows)
     if whitening_noise and blocks:
-        moments = engine.private_channel_moments(train_rows, blocks, whitening_noise, norm_bound=1.0)
-        noise_std = whitening_noise * channel_moments_sensitivity(1.0)
+        moments = engine.private_channel_moments(train_rows, blocks, whitening_noise, norm_bound)
+        noise_std = whitening_noise * channel_moments_sensitivity(norm_bound)
         preprocessing.whiteners = [(b, channel_whitener(m, whitening_floor, noise_std)) for b, m in zip(blocks, moments)]
         train_rows = preprocessing.whiten(train_rows)
     return preprocessing, train_rows
