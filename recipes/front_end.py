@@ -6,7 +6,7 @@ sample, concatenated as ``[w_1 f_1, ..., w_k f_k] / sqrt(sum_j w_j^2)`` (so each
 * ``scattering``: the J = 2 wavelet scattering transform (81 channels at (H/4) x (W/4) positions), standardised per
   sample in ``groups`` channel groups (Tramèr & Boneh 2021);
 * ``fine-scattering``: the J = 1 transform (9 channels at (H/2) x (W/2) positions), standardised the same way in
-  groups of 3 channels: finer spatial detail than J = 2 (+0.13 validation points next to the other parts, README);
+  groups of 3 channels: finer spatial detail than J = 2 (inside the seeds' spread on validation, README);
 * ``pixels``: the image centred on its own mean (``unit_pixels``).
 
 **Private preprocessing** (statistics across samples are not free: each is one Gaussian mechanism released through
@@ -16,8 +16,8 @@ the engine, ``LipDPEngine.private_mean`` / ``private_channel_moments``, and paid
 * whitening: each scattering part's channels multiplied by ``M = (S + λ0 I)^(-1/2)`` (trace-preserving scale), with
   ``S`` the private channel second moments of the centred rows (tied over positions, ``lipdp.statistics``) and
   ``λ0`` the larger of ``floor * tr(S) / C`` and the noise's spectral norm (``channel_whitener``); then the row is
-  rescaled to norm 1. The top channel direction carries 45% of the
-  scattering part's energy after centring; damping it spends the norm budget on what tells classes apart.
+  rescaled to norm 1. A few channel directions carry most of the scattering part's energy after centring;
+  damping them spends the norm budget on what tells classes apart.
 """
 
 from __future__ import annotations
