@@ -22,8 +22,9 @@ sees only its own canary and the noise. Score: the per-step likelihood ratio of 
 "absent", summed over steps, sum_t log(1 - q + q exp((Delta x_t - Delta^2 / 2) / s^2)), x_t = released
 coordinate (times B), s = the noise std the engine *claims* (its ``noise_stds()``).
 
-``noise_scale`` < 1 under-noises the engine on purpose (``GradientMechanism.noise_scale``, a TEST-ONLY knob)
-to show that the audit has power: it must then report a lower bound above the claimed epsilon.
+``noise_scale`` < 1 under-noises the engine on purpose: the audit injects ``ScaledNoise`` as the mechanism's noise
+source (the production mechanism has no such switch), to show that the audit has power: it must then report a lower
+bound above the claimed epsilon.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lipdp.engine import LipDPEngine
 from lipdp.layers import InputNormClip
 from lipdp.losses import LipschitzCrossEntropy
-from lipdp.noise import NOISE_STRATEGIES
+from lipdp.noise import NOISE_STRATEGIES, GaussianNoise
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +149,19 @@ class AuditResult:
                 f"= {self.claimed_epsilon:.3f} at delta = {self.delta:g}\n  {verdict}")
 
 
+class ScaledNoise(GaussianNoise):
+    """A deliberately broken noise source: the wrapped source's draws times ``scale`` (below 1 the engine's privacy
+    claim is false). For audits and tests only, injected as ``engine.mechanism.noise``; the engine never uses it."""
+
+    def __init__(self, source: GaussianNoise, scale: float) -> None:
+        super().__init__(source.generator)
+        self.scale = float(scale)
+
+    def sample(self, grads, stds):
+        """The real draws, scaled."""
+        return {name: noise.mul_(self.scale) for name, noise in super().sample(grads, stds).items()}
+
+
 def gradient_canary_audit(*, canaries: int = 1000, batch_size: int = 100, steps: int = 50,
                           noise_multiplier: float = 1.5, delta: float = 1e-5, confidence: float = 0.95,
                           noise_strategy: str = "global", accountant: str = "prv", seed: int | None = 0,
@@ -179,7 +193,7 @@ def gradient_canary_audit(*, canaries: int = 1000, batch_size: int = 100, steps:
         input_shape=(width,), noise_strategy=noise_strategy)
     if noise_scale != 1:
         logger.warning("TEST ONLY: the engine's noise is multiplied by %g; its privacy claim is false", noise_scale)
-    engine.mechanism.noise_scale = noise_scale
+        engine.mechanism.noise = ScaledNoise(engine.mechanism.noise, noise_scale)
     weight = model[1].weight
 
     audit_generator = torch.Generator().manual_seed(engine.seed + 2)  # independent of the engine's streams

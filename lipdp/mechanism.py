@@ -19,7 +19,7 @@ from torch import nn
 
 from lipdp.bounds import CertifiedNormCache, analyze, sensitivity_keys
 from lipdp.journal import StepJournal
-from lipdp.noise import effective_noise_multiplier, noise_stds
+from lipdp.noise import GaussianNoise, effective_noise_multiplier, noise_stds
 from lipdp.reparametrization import MaterializedWeights
 
 
@@ -49,7 +49,7 @@ class GradientMechanism:
         self.model = model
         self.config = config
         self.accountant = accountant
-        self.generator = generator
+        self.noise = GaussianNoise(generator)
         self.shapes = shapes
         self.materialized = materialized
         self.reduce_gradients = reduce_gradients
@@ -58,7 +58,6 @@ class GradientMechanism:
         self.last_sensitivities: dict[str, float] = {}
         self.last_stds: dict[str, float] = {}
         self._allowed_steps: dict[tuple[float, float], int] = {}
-        self.noise_scale = 1.0  # test-only knob for privacy audits of a deliberately broken engine
 
     def _plain_parameters(self) -> dict[str, nn.Parameter]:
         params = dict(self.model.named_parameters())
@@ -134,11 +133,9 @@ class GradientMechanism:
         self._check_budget()
         if self.journal is not None:
             self.journal.append(self.accountant.total_steps + 1, config.noise_multiplier, config.sample_rate)
-        noisy: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            for name, grad in grads.items():
-                noise = torch.randn(grad.shape, generator=self.generator, dtype=grad.dtype, device=grad.device)
-                noisy[name] = (grad + noise * (stds[name] * self.noise_scale)) / config.expected_batch_size
+            draws = self.noise.sample(grads, stds)
+            noisy = {name: (grad + draws[name]) / config.expected_batch_size for name, grad in grads.items()}
             for name, parameter in plain.items():
                 parameter.grad = noisy[name]
         self.materialized.backpropagate({key: noisy[key] for key in self.materialized.modules})

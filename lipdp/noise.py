@@ -15,6 +15,9 @@ sigma_eff = sigma exactly; they differ in utility only:
 from __future__ import annotations
 
 import math
+from typing import Mapping
+
+import torch
 
 NOISE_STRATEGIES = ("global", "per_layer", "min_energy")
 
@@ -55,3 +58,20 @@ def effective_noise_multiplier(sensitivities: dict[str, float], stds: dict[str, 
 def noise_energy(stds: dict[str, float], sizes: dict[str, int]) -> float:
     """Total expected squared norm of the noise, sum_d n_d s_d^2."""
     return sum(sizes[name] * std**2 for name, std in stds.items())
+
+
+class GaussianNoise:
+    """The mechanism's noise source: ``sample(grads, stds)`` draws N(0, s_d^2 I) shaped like each gradient, from
+    ``generator`` (which must live on the gradients' device: a CPU generator cannot draw CUDA noise).
+
+    Injected into ``GradientMechanism`` (its ``noise`` attribute); ``lipdp.audit`` swaps in a deliberately scaled
+    source to show that its audit detects an under-noised engine, without a switch on this production path.
+    """
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def sample(self, grads: Mapping[str, torch.Tensor], stds: Mapping[str, float]) -> dict[str, torch.Tensor]:
+        """One independent Gaussian draw per gradient, scaled by its group's std."""
+        return {name: torch.randn(grad.shape, generator=self.generator, dtype=grad.dtype, device=grad.device)
+                .mul_(stds[name]) for name, grad in grads.items()}

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
+from lipdp.audit import ScaledNoise
 from lipdp import LipDPEngine, PrivacyBudgetExceeded
 from lipdp.layers import InputNormClip
 from lipdp.losses import LipschitzCrossEntropy
@@ -69,7 +70,7 @@ def test_global_strategy_std_formula():
 
 def test_gradient_is_normalised_by_expected_not_actual_batch_size():
     engine, model, optimizer, loader, criterion = private_setup(batch_size=16)
-    engine.mechanism.noise_scale = 0.0  # test-only: isolate the normalisation
+    engine.mechanism.noise = ScaledNoise(engine.mechanism.noise, 0.0)  # isolate the deterministic part
     x, y = next(iter(make_data(n=5).tensors[0:1])), make_data(n=5).tensors[1]
     reference = nn.Sequential(InputNormClip(1.0), nn.Linear(8, 3))
     reference.load_state_dict(model.state_dict())
@@ -107,7 +108,7 @@ def test_loss_grad_clip_bounds_output_gradient_and_lowers_sensitivity():
 
 def test_virtual_batches_take_one_noisy_step_per_logical_batch():
     engine, model, optimizer, loader, criterion = private_setup(batch_size=32, dataset=make_data(n=64), lr=1.0)
-    engine.mechanism.noise_scale = 0.0
+    engine.mechanism.noise = ScaledNoise(engine.mechanism.noise, 0.0)  # isolate the deterministic part
     reference = nn.Sequential(InputNormClip(1.0), nn.Linear(8, 3))
     reference.load_state_dict(model.state_dict())
     state = engine.sampling_generator.get_state()
