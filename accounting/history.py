@@ -34,6 +34,7 @@ class HistoryEntry:
 
     @property
     def mechanism(self) -> Mechanism:
+        """The entry's (σ, q) as a :class:`Mechanism`."""
         return Mechanism(self.noise_multiplier, self.sample_rate)
 
     def to_list(self) -> list:
@@ -56,6 +57,7 @@ def append(history: list[HistoryEntry], entry: HistoryEntry) -> None:
 
 
 def total_steps(history: Iterable[HistoryEntry]) -> int:
+    """The number of steps in ``history`` (the sum of its entries' ``steps``)."""
     return sum(entry.steps for entry in history)
 
 
@@ -80,6 +82,7 @@ class Composition:
 
     @property
     def total_steps(self) -> int:
+        """The number of mechanism applications, ``sum(counts)``."""
         return sum(self.counts)
 
     def prefix_counts(self, history: Sequence[HistoryEntry], steps: int) -> tuple[int, ...]:

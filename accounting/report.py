@@ -68,6 +68,7 @@ class BudgetReport:
         return self.rows[-1].epsilon if self.rows else 0.0
 
     def to_dict(self) -> dict:
+        """The report as JSON-able data: backend, method, δ, target, total ε, the history and one dict per row."""
         result = self.accountant.epsilon_result(self.delta)
         return {
             "backend": self.accountant.backend_name,
@@ -83,9 +84,11 @@ class BudgetReport:
         }
 
     def to_json(self, indent: int | None = 2) -> str:
+        """:meth:`to_dict` serialised as JSON."""
         return json.dumps(self.to_dict(), indent=indent)
 
     def to_text(self) -> str:
+        """A plain-text table: one line per row (epoch, steps, ε bounds, and % of the target when one is set)."""
         result = self.accountant.epsilon_result(self.delta)
         target = "" if self.target_epsilon is None else f", target ε = {self.target_epsilon:g}"
         lines = [f"Privacy budget at δ = {self.delta:g}{target} ({self.accountant.backend_name}: {result.method})"]

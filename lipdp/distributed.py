@@ -50,10 +50,12 @@ def is_distributed() -> bool:
 
 
 def rank() -> int:
+    """This process's rank in the group; 0 outside a multi-rank group."""
     return dist.get_rank() if is_distributed() else 0
 
 
 def world_size() -> int:
+    """The number of ranks K; 1 outside a multi-rank group."""
     return dist.get_world_size() if is_distributed() else 1
 
 
@@ -139,6 +141,7 @@ def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def barrier() -> None:
+    """Wait until every rank reaches this point; a no-op in a single-process run."""
     if is_distributed():
         dist.barrier()
 

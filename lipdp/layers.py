@@ -24,12 +24,15 @@ class NonExpansive(nn.Module):
     answers for such a map: Lip = 1, output bound = input bound, no parameters)."""
 
     def lipschitz(self, ctx=None) -> float:
+        """Lipschitz constant: 1."""
         return 1.0
 
     def output_bound(self, x_bound: float, ctx=None) -> float:
+        """Output-norm bound: the input bound ``x_bound`` (non-expansive, maps 0 to 0)."""
         return x_bound
 
     def param_sensitivities(self, x_bound: float, grad_bound: float, ctx=None) -> dict[str, float]:
+        """No parameters, so no sensitivities: ``{}``."""
         return {}
 
 
@@ -52,6 +55,7 @@ class InputNormClip(NonExpansive):
         self.mode = mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Each sample projected onto the ``bound``-ball ("clip") or, if non-zero, rescaled onto its sphere ("scale")."""
         norms = _per_sample_norm(x)
         if self.mode == "clip":
             factor = (self.bound / norms.clamp_min(1e-12)).clamp(max=1.0)
@@ -60,12 +64,15 @@ class InputNormClip(NonExpansive):
         return x * factor
 
     def lipschitz(self, ctx=None) -> float:
+        """1 for "clip" (a projection onto a convex set); infinite for "scale" (not Lipschitz near 0)."""
         return 1.0 if self.mode == "clip" else math.inf
 
     def output_bound(self, x_bound: float, ctx=None) -> float:
+        """min(x_bound, bound) for "clip"; ``bound`` for "scale", whatever the input."""
         return min(x_bound, self.bound) if self.mode == "clip" else self.bound
 
     def extra_repr(self) -> str:
+        """``bound`` and ``mode``, for the module's repr."""
         return f"bound={self.bound}, mode={self.mode!r}"
 
 
@@ -82,6 +89,7 @@ class GroupSort(NonExpansive):
         self.group_size = group_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Channels sorted in descending order within each group; raises if C is not a multiple of ``group_size``."""
         channels = x.shape[1]
         if channels % self.group_size:
             raise ValueError(f"GroupSort: {channels} channels are not divisible by group_size={self.group_size}")
@@ -103,11 +111,13 @@ class L2NormPool2d(NonExpansive):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C, H // k, W // k): sqrt(sum of squares over each k x k patch + eps) - sqrt(eps)."""
         k = self.kernel_size
         sum_sq = F.avg_pool2d(x * x, k, stride=k) * (k * k)
         return torch.sqrt(sum_sq + self.eps) - math.sqrt(self.eps)
 
     def extra_repr(self) -> str:
+        """``kernel_size``, for the module's repr."""
         return f"kernel_size={self.kernel_size}"
 
 
@@ -119,6 +129,7 @@ class GlobalL2Pool2d(NonExpansive):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """sqrt(sum over H, W of x^2 + eps) - sqrt(eps), per sample and channel."""
         return torch.sqrt((x * x).sum(dim=(2, 3)) + self.eps) - math.sqrt(self.eps)
 
 
@@ -138,22 +149,28 @@ class ConvexResidual(nn.Module):
         self.alpha = float(alpha)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(1 - alpha) x + alpha f(x)."""
         return (1 - self.alpha) * x + self.alpha * self.block(x)
 
     def lipschitz(self, ctx) -> float:
+        """(1 - alpha) + alpha Lip(f), with Lip(f) from ``ctx``."""
         return (1 - self.alpha) + self.alpha * ctx.lipschitz(self.block)
 
     def output_bound(self, x_bound: float, ctx) -> float:
+        """(1 - alpha) X + alpha out_f(X), with out_f from ``ctx``."""
         return (1 - self.alpha) * x_bound + self.alpha * ctx.output_bound(self.block, x_bound)
 
     def param_sensitivities(self, x_bound: float, grad_bound: float, ctx) -> dict[str, float]:
+        """f's parameter bounds at (X, alpha G), under the names ``block.<name>``."""
         inner = ctx.param_sensitivities(self.block, x_bound, self.alpha * grad_bound)
         return {f"block.{name}": value for name, value in inner.items()}
 
     def bound_children(self) -> list[nn.Module]:
+        """Submodules this layer delegates to (validated in turn): the block f."""
         return [self.block]
 
     def extra_repr(self) -> str:
+        """``alpha``, for the module's repr."""
         return f"alpha={self.alpha}"
 
 

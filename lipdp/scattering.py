@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
+    """Where scattering features are cached: ``$LIPDP_CACHE``, else ``~/.cache/lipdp``."""
     return Path(os.environ.get("LIPDP_CACHE", Path.home() / ".cache" / "lipdp"))
 
 

@@ -89,6 +89,7 @@ class OpacusResult:
     epoch_log: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
+        """The fields as a plain dict (JSON-able)."""
         return asdict(self)
 
 

@@ -54,6 +54,7 @@ class AccountingResult:
         return cls(0.0, 0.0, 0.0, method, "empty history")
 
     def to_dict(self) -> dict:
+        """The fields as a plain dict (JSON-able)."""
         return asdict(self)
 
 
@@ -78,9 +79,13 @@ class Backend(Protocol):
 
     name: ClassVar[str]
 
-    def evaluator(self, composition: Composition, delta: float) -> EpsilonEvaluator: ...
+    def evaluator(self, composition: Composition, delta: float) -> EpsilonEvaluator:
+        """Set up once for ``composition``: an evaluator of ε at ``delta`` for any sub-multiset of it."""
+        ...
 
-    def delta(self, composition: Composition, epsilon: float) -> AccountingResult: ...
+    def delta(self, composition: Composition, epsilon: float) -> AccountingResult:
+        """δ spent at ``epsilon`` by the whole ``composition``."""
+        ...
 
 
 def options_of(backend: Backend) -> dict:

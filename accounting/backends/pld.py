@@ -75,9 +75,11 @@ class PLDBackend:
             raise BackendUnavailable(f"backend 'pld' needs dp_accounting: {INSTALL_HINT}")
 
     def evaluator(self, composition: Composition, delta: float) -> EpsilonEvaluator:
+        """ε at ``delta`` from the composed pessimistic PLDs (an upper bound; no lower bound)."""
         return _PLDEvaluator(composition, delta, self.value_discretization_interval)
 
     def delta(self, composition: Composition, epsilon: float) -> AccountingResult:
+        """δ at ``epsilon`` of the whole composition, from its composed pessimistic PLD (upper bound only)."""
         plds = _PLDs(composition, self.value_discretization_interval)
         delta = float(plds.compose(composition.counts).get_delta_for_epsilon(epsilon))
         return AccountingResult(None, delta, delta, plds.method)

@@ -228,9 +228,11 @@ class PRVBackend:
             raise ValueError(f"delta_error_ratio must be in (0, 1), got {self.delta_error_ratio!r}")
 
     def evaluator(self, composition: Composition, delta: float) -> EpsilonEvaluator:
+        """ε bracket at ``delta``, with δ error ``delta_error_ratio · delta`` (falling back to Opacus's PRV)."""
         return _PRVEvaluator(composition, delta, self.eps_error, self.delta_error_ratio * delta)
 
     def delta(self, composition: Composition, epsilon: float) -> AccountingResult:
+        """δ bracket at ``epsilon`` for the whole composition (δ error ``DELTA_QUERY_ERROR``), clipped to [0, 1]."""
         prv = _WithFallback(composition, self.eps_error, DELTA_QUERY_ERROR)
         result = prv.run(lambda impl: impl.delta(composition.counts, epsilon))
         return AccountingResult(_probability(result.lower), _probability(result.estimate),

@@ -75,6 +75,7 @@ class RDPBackend:
     name: ClassVar[str] = "rdp"
 
     def evaluator(self, composition: Composition, delta: float) -> EpsilonEvaluator:
+        """ε at ``delta`` from the summed RDP curves, minimised over Opacus's default orders (upper bound only)."""
         return _RDPEvaluator(composition, delta)
 
     def delta(self, composition: Composition, epsilon: float) -> AccountingResult:

@@ -53,9 +53,11 @@ class BoxPrior(Prior):
         self.low, self.high = float(low), float(high)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` points uniform in [low, high]^d, shape (n, *shape)."""
         return self.low + (self.high - self.low) * torch.rand((n, *self.shape), generator=generator)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` clamped coordinate-wise into [low, high]."""
         return x.clamp(self.low, self.high)
 
     def __repr__(self) -> str:
@@ -77,6 +79,8 @@ class BallPrior(Prior):
         self.radius, self.surface, self.fold = float(radius), bool(surface), bool(fold)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` points uniform in the ball (radius R U^(1/d) along a uniform direction) or on its sphere, folded
+        if ``fold``; shape (n, *shape)."""
         direction = torch.randn((n, *self.shape), generator=generator)
         direction = direction / _norms(direction).clamp_min(1e-12)
         if self.surface:
@@ -88,6 +92,7 @@ class BallPrior(Prior):
         return x.abs() if self.fold else x
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Each sample scaled into the ball (or onto the sphere with ``surface``), then folded if ``fold``."""
         norms = _norms(x).clamp_min(1e-12)
         factor = self.radius / norms if self.surface else (self.radius / norms).clamp(max=1.0)
         x = x * factor

@@ -68,12 +68,15 @@ class OneClassHKR(nn.Module):
         self.lipschitz_constant = 1.0 + self.lam
 
     def forward(self, output: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        """The normal-sample term -f + lambda * relu(m - f), reduced; ``target`` is ignored."""
         f = _scores(output)
         return _reduce(-f + self.lam * F.relu(self.margin - f), self.reduction)
 
     def negative_loss(self, output: torch.Tensor, reduction: str | None = None) -> torch.Tensor:
+        """The negatives' term f + lambda * relu(m + f), reduced by ``reduction`` (default: the loss's own)."""
         f = _scores(output)
         return _reduce(f + self.lam * F.relu(self.margin + f), reduction or self.reduction)
 
     def extra_repr(self) -> str:
+        """``margin``, ``lam`` and ``reduction``, for the module's repr."""
         return f"margin={self.margin}, lam={self.lam}, reduction={self.reduction!r}"
