@@ -11,7 +11,6 @@ shared machine). Writes ``benchmarks/out/accounting_speed.json`` and prints a ta
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -22,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import accounting  # noqa: E402
 from accounting import PrivacyAccountant, calibrate_noise  # noqa: E402
+from lipdp.cli.output import write_json  # noqa: E402
 
 SIGMA, Q, DELTA = 1.1, 256 / 60000, 1e-5
 CALIBRATION = {"target_epsilon": 3.0, "epochs": 15}  # 3516 steps
@@ -81,7 +81,7 @@ def main() -> None:
         results["backends"][backend] = measure(backend, args.steps)
 
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(OUT, results)
     print(f"σ={SIGMA}, q={Q:.6g}, δ={DELTA:g}; calibration: ε <= {CALIBRATION['target_epsilon']} in "
           f"{CALIBRATION['epochs']} epochs; step budget: ε <= {CALIBRATION['target_epsilon']} after 1000 steps")
     print("times in seconds, wall / CPU of this process")

@@ -22,6 +22,7 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
+from benchmarks.harness import ChildFailed
 from benchmarks.report import RESULTS, load_average, machine_paragraph, table, write_json, write_section
 from recipes.compare import SIDES, CompareSettings, run_isolated_side
 
@@ -118,9 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         args.append, args.datasets = True, []
     try:
         records = run_table(args.datasets, args.epsilons, args.delta, not args.no_progress, args.epochs, args.sides)
-    except RuntimeError as error:
-        print(f"accuracy: error: {error}", file=sys.stderr)
-        return 2
+    except ChildFailed as error:
+        print(f"accuracy: {error}", file=sys.stderr)
+        return 1
     if args.append and args.json.exists():
         new = {_key(r) for r in records}
         records = [r for r in json.loads(args.json.read_text())["records"] if _key(r) not in new] + records

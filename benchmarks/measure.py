@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from recipes.compare import peak_rss_bytes, process_status_bytes, run_child
+from benchmarks.harness import peak_rss_bytes, process_status_bytes, run_child
 
 logger = logging.getLogger(__name__)
 

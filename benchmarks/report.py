@@ -7,13 +7,13 @@ independently.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 from typing import Sequence
 
-from recipes.compare import machine_description
+from benchmarks.harness import machine_description
+from lipdp.cli.output import write_json  # noqa: F401  (the one JSON writer, re-exported for the benchmarks)
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 OUT_DIR = Path(__file__).with_name("out")
@@ -62,11 +62,4 @@ def write_section(name: str, body: str, path: Path = RESULTS) -> Path:
     pattern = re.compile(rf"<!-- BEGIN {re.escape(name)} -->.*?<!-- END {re.escape(name)} -->", re.DOTALL)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
     path.write_text(text.rstrip("\n") + "\n")
-    return path
-
-
-def write_json(path: Path, data: dict) -> Path:
-    """Write raw results as JSON (by default under the git-ignored ``benchmarks/out/``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2))
     return path

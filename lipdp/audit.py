@@ -29,12 +29,9 @@ bound above the claimed epsilon.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import scipy.special
@@ -51,8 +48,8 @@ from lipdp.noise import NOISE_STRATEGIES, GaussianNoise
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "AuditResult", "add_audit_arguments", "epsilon_from_scores", "gradient_canary_audit",
-    "one_run_epsilon_lower_bound", "one_run_p_value", "run_audit",
+    "AuditResult", "ScaledNoise", "epsilon_from_scores", "gradient_canary_audit", "one_run_epsilon_lower_bound",
+    "one_run_p_value",
 ]
 
 GUESS_GRID = (10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
@@ -227,34 +224,3 @@ def gradient_canary_audit(*, canaries: int = 1000, batch_size: int = 100, steps:
         sample_rate=q, noise_scale=float(noise_scale))
     logger.info("audit: epsilon >= %.3f (claimed %.3f)", result.epsilon_lower, result.claimed_epsilon)
     return result
-
-
-def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--canaries", type=int, default=1000, help="number of gradient canaries (half included)")
-    parser.add_argument("--batch-size", type=int, default=100,
-                        help="expected Poisson batch size over the canaries (sample rate = batch / canaries)")
-    parser.add_argument("--steps", type=int, default=50, help="noisy steps of the audited run")
-    parser.add_argument("--noise-multiplier", type=float, default=1.5, help="sigma of the audited engine")
-    parser.add_argument("--delta", type=float, default=1e-5, help="delta of the claim being audited")
-    parser.add_argument("--confidence", type=float, default=0.95, help="confidence of the lower bound")
-    parser.add_argument("--noise-strategy", choices=NOISE_STRATEGIES, default="global", help="engine noise strategy")
-    parser.add_argument("--accountant", choices=("prv", "rdp", "pld"), default="prv", help="accountant of the claim")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the engine and of the canaries")
-    parser.add_argument("--noise-scale", type=float, default=1.0,
-                        help="TEST ONLY: multiply the engine's noise by this (0.1 breaks privacy) to see the audit "
-                        "detect it")
-    parser.add_argument("--json", type=Path, default=None, help="write the audit result here")
-
-
-def run_audit(args: argparse.Namespace) -> int:
-    """``lipdp audit``: prints the audit; exit status 1 if it refutes the claimed epsilon."""
-    result = gradient_canary_audit(
-        canaries=args.canaries, batch_size=args.batch_size, steps=args.steps, noise_multiplier=args.noise_multiplier,
-        delta=args.delta, confidence=args.confidence, noise_strategy=args.noise_strategy, accountant=args.accountant,
-        seed=args.seed, noise_scale=args.noise_scale)
-    print(result.to_text())
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result.to_dict(), indent=2))
-        print(f"wrote {args.json}")
-    return 1 if result.violation else 0

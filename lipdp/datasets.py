@@ -89,7 +89,7 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, seed: int = 0
     """Load data set ``name`` from local files; ``seed`` fixes the train/test split of sets that have none."""
     by_key = {_canonical(n): n for n in _LOADERS}
     if _canonical(name) not in by_key:
-        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(available_datasets())}")
+        raise ValueError(f"unknown data set {name!r}. Fix: use one of {', '.join(available_datasets())}")
     name = by_key[_canonical(name)]
     loader, num_classes = _LOADERS[name]
     (x_train, y_train, x_test, y_test), description = loader(None if root is None else Path(root), seed)

@@ -124,3 +124,17 @@ def private_channel_moments(x: torch.Tensor, blocks: list[ChannelBlock], norm_bo
         noise = torch.randn(total.shape, generator=generator, dtype=torch.float64).triu() * std
         released.append(total + noise + noise.triu(1).T)
     return released
+
+
+def rescale_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Each row divided by its L2 norm (norm 1): in place on whole data sets, out of place when differentiated."""
+    norms = rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return rows / norms if rows.requires_grad else rows.div_(norms)
+
+
+def centre_and_rescale(features: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Each sample minus the (privately released) training mean, scaled back to norm 1: the norm budget goes to
+    what distinguishes the samples, not to what they share (+0.4 points of validation accuracy in the classification
+    recipe, README). In place on whole data sets (one copy of the features, not two); out of place when differentiated."""
+    centred = features.flatten(1) - mean.flatten()
+    return rescale_rows(centred).reshape(features.shape)

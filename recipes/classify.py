@@ -19,7 +19,6 @@ split is only used for the final report. Reports test accuracy and certified acc
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from dataclasses import asdict
@@ -31,6 +30,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from lipdp.certify import certified_accuracy
+from lipdp.cli.errors import ArgumentParser, run_main
+from lipdp.cli.output import write_json
 from lipdp.datasets import load_dataset, train_validation_split
 from lipdp.engine import LipDPEngine
 from lipdp.layers import InputNormClip
@@ -198,8 +199,12 @@ def markdown_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m recipes.classify", description=__doc__,
+PROG = "python -m recipes.classify"
+
+
+def build_parser() -> ArgumentParser:
+    """The recipe's flags (one-line errors, exit status 2: ``lipdp.cli.errors``)."""
+    parser = ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, digits, cifar10, ...")
     parser.add_argument("--epsilons", type=float, nargs="+", default=[3.0], help="target epsilons, one run each")
@@ -238,9 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+def run_from_arguments(args: argparse.Namespace) -> int:
+    """One run per ``--epsilons`` value: print each and the table, write ``--json``."""
     overrides = {k: getattr(args, k) for k in ("epochs", "batch_size", "learning_rate", "temperature", "groups",
                                                "centring_noise", "whitening_noise", "whitening_floor",
                                                "noise_strategy", "loss_grad_clip",
@@ -256,9 +260,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{result['train_seconds']:.0f} s", flush=True)
     print(markdown_table(results))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+        write_json(args.json, results)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m recipes.classify``: returns the exit status (2 with one line for a user error)."""
+    return run_main(PROG, build_parser, run_from_arguments, argv)
 
 
 if __name__ == "__main__":

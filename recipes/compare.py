@@ -2,13 +2,12 @@
 
     python -m recipes.compare                                   # Fashion-MNIST, eps=3, delta=1e-5
     python -m recipes.compare --dataset digits --epochs 5 --opacus-batch-size 128 --lipdp-batch-size 128
-    lipdp compare --help
 
-Each side runs in its own interpreter (``run_child``), so that its peak memory (the child's peak RSS) is its own.
+Each side runs in its own interpreter (``benchmarks.harness.run_child``), so that its peak memory (the child's peak RSS) is its own.
 Both sides' noise is calibrated with lipdp's accountant (PRV by default) and both report the epsilon it gives for
 the steps they took. The median step time is measured the same way on both sides by :class:`StepTimer`: from the
 first forward call with gradients enabled to the end of the following optimizer step (data loading and evaluation
-excluded). Outputs: a markdown table (printed and written), the JSON of both runs and a PNG plot.
+excluded; ``benchmarks.harness``). Outputs: a markdown table (printed and written), the JSON of both runs and a PNG plot.
 
 The lipdp side is pluggable (``LIPDP_RECIPES``): ``classify`` runs ``recipes.classify.run`` (scattering front end
 and Lipschitz head), ``cnn`` runs ``lipdp.training.train_private`` on the default orthogonal CNN. The Opacus side is
@@ -20,130 +19,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from benchmarks.harness import ChildFailed, StepTimer, machine_description, peak_rss_bytes, run_child
+from lipdp.cli.errors import ArgumentParser, run_main
+from lipdp.cli.output import write_json
+
 logger = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------------- isolated child processes
-
-
-def process_status_bytes(field: str) -> int:
-    """A memory line of this process's ``/proc/self/status`` (``VmRSS``, ``VmHWM``, ``VmSize``...), in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024  # the kernel reports kB (KiB)
-    raise RuntimeError(f"{field} is not in /proc/self/status (lipdp's memory measurements need Linux)")
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far (``VmHWM``; ``getrusage``'s ``ru_maxrss`` lags behind it)."""
-    return process_status_bytes("VmHWM")
-
-
-@dataclass
-class ChildOutcome:
-    """How a child process ended: ``returncode`` None means it was killed at the timeout; ``result`` is the JSON
-    it wrote (None if it wrote none)."""
-
-    returncode: int | None
-    result: dict | None
-    seconds: float
-    stderr_tail: str = ""
-
-
-def run_child(module: str, argv: list[str], timeout: float | None = None, capture_stderr: bool = False,
-              environment: dict[str, str] | None = None) -> ChildOutcome:
-    """Run ``python -m module *argv --result FILE`` in a fresh interpreter and read the JSON it writes to FILE.
-
-    The child's stdout is discarded; its stderr goes to this terminal (progress bars), or is captured and its
-    last lines kept for error messages with ``capture_stderr``. ``environment`` adds to this process's variables.
-    """
-    with tempfile.TemporaryDirectory(prefix="lipdp-child-") as folder:
-        path = Path(folder) / "result.json"
-        command = [sys.executable, "-m", module, *argv, "--result", str(path)]
-        start = time.perf_counter()
-        try:
-            completed = subprocess.run(command, stdout=subprocess.DEVNULL, timeout=timeout, text=True,
-                                       stderr=subprocess.PIPE if capture_stderr else None,
-                                       env={**os.environ, **(environment or {})})
-        except subprocess.TimeoutExpired:
-            return ChildOutcome(None, None, time.perf_counter() - start)
-        seconds = time.perf_counter() - start
-        result = json.loads(path.read_text()) if completed.returncode == 0 and path.exists() else None
-    tail = "\n".join((completed.stderr or "").strip().splitlines()[-5:])
-    return ChildOutcome(completed.returncode, result, seconds, tail)
-
-
-def machine_description() -> dict:
-    """CPU model, core count, memory, OS and library versions of this machine."""
-    import opacus
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown CPU")
-    memory_kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                      if line.startswith("MemTotal:"))
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(memory_kib * 1024 / 1e9, 1),
-            "os": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "opacus": opacus.__version__, "torch_threads": torch.get_num_threads(),
-            "load_average": [round(x, 2) for x in os.getloadavg()]}
-
-
-# ------------------------------------------------------------------------------------------------ step timing
-
-
-class StepTimer:
-    """Times every training step taken in this process, whoever builds the model and the optimizer.
-
-    A step starts at the first module forward call with gradients enabled after the previous step and ends when
-    an optimizer step finishes (torch's global module and optimizer hooks). Forward calls under ``no_grad``
-    (evaluation) are ignored; so is an optimizer step with no forward before it (a wrapper stepping its inner
-    optimizer).
-    """
-
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-        self._start: float | None = None
-        self._handles: list = []
-
-    def _forward(self, module, args) -> None:
-        import torch
-
-        if self._start is None and torch.is_grad_enabled():
-            self._start = time.perf_counter()
-
-    def _step_end(self, optimizer, args, kwargs) -> None:
-        if self._start is not None:
-            self.seconds.append(time.perf_counter() - self._start)
-            self._start = None
-
-    def __enter__(self) -> StepTimer:
-        from torch.nn.modules.module import register_module_forward_pre_hook
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-
-        self._handles = [register_module_forward_pre_hook(self._forward),
-                         register_optimizer_step_post_hook(self._step_end)]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def median(self) -> float | None:
-        """Median step time in seconds (None before any step)."""
-        import statistics
-
-        return statistics.median(self.seconds) if self.seconds else None
 
 
 # ------------------------------------------------------------------------------------------------ the two sides
@@ -195,15 +81,13 @@ def lipdp_classify(settings: CompareSettings) -> dict:
 
 def lipdp_cnn(settings: CompareSettings) -> dict:
     """lipdp's default orthogonal CNN through ``lipdp.training.train_private`` (``lipdp train``'s settings)."""
-    from lipdp.cli import DEMO_SETTINGS, settings_for
     from lipdp.datasets import load_dataset
     from lipdp.models import orthogonal_cnn
+    from lipdp.presets import train_preset
     from lipdp.training import TrainConfig, train_private
 
     splits = load_dataset(settings.dataset, seed=settings.seed)
-    defaults = settings_for(splits.name)
-    if defaults["model"] not in (None, "cnn"):  # `lipdp train` uses an MLP here: the generic CNN settings
-        defaults = DEMO_SETTINGS["default"]
+    defaults = train_preset(splits.name, "cnn")  # where `lipdp train` uses an MLP: the generic CNN settings
     config = TrainConfig(
         epsilon=settings.epsilon, delta=settings.delta, epochs=settings.epochs, seed=settings.seed,
         batch_size=min(settings.lipdp_batch_size or defaults["batch_size"], len(splits.train)),
@@ -258,7 +142,7 @@ def run_isolated_side(side: str, settings: CompareSettings, fresh_cache: bool = 
         outcome = run_child("recipes.compare", ["--side", side, "--settings", json.dumps(asdict(settings))],
                             environment={"LIPDP_CACHE": cache} if fresh_cache else None)
     if outcome.result is None:
-        raise RuntimeError(f"the {side} side failed (exit code {outcome.returncode}); see its messages above")
+        raise ChildFailed(f"the {side} side failed (exit code {outcome.returncode}); see its messages above")
     return {**outcome.result, "process_seconds": outcome.seconds}
 
 
@@ -350,8 +234,7 @@ def compare(settings: CompareSettings, out_dir: Path) -> dict:
     report = markdown_report(settings, results, machine)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "compare.md").write_text(report)
-    (out_dir / "compare.json").write_text(json.dumps(
-        {"settings": asdict(settings), "machine": machine, "results": results}, indent=2))
+    write_json(out_dir / "compare.json", {"settings": asdict(settings), "machine": machine, "results": results})
     plot(settings, results, out_dir / "compare.png")
     return {"report": report, "results": results}
 
@@ -360,7 +243,7 @@ def compare(settings: CompareSettings, out_dir: Path) -> dict:
 
 
 def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``compare`` flags (shared by ``python -m recipes.compare`` and ``lipdp compare``)."""
+    """The ``compare`` flags of ``python -m recipes.compare``."""
     defaults = CompareSettings()
     parser.add_argument("--dataset", default=defaults.dataset, help="data set (lipdp.datasets name) for both sides")
     parser.add_argument("--epsilon", type=float, default=defaults.epsilon, help="target epsilon of both runs")
@@ -403,14 +286,15 @@ def run_compare(args: argparse.Namespace) -> int:
     fields = CompareSettings.__dataclass_fields__
     settings = CompareSettings(**{k: v for k, v in vars(args).items() if k in fields},
                                progress=not args.no_progress)
-    outcome = compare(settings, args.out_dir)
+    try:
+        outcome = compare(settings, args.out_dir)
+    except ChildFailed as failure:  # not the user's mistake: the side's own traceback is above
+        print(f"{PROG}: {failure}", file=sys.stderr)
+        return 1
     print(outcome["report"])
     print(f"wrote {args.out_dir / 'compare.md'}, compare.json and compare.png")
     if args.results:
-        try:  # benchmarks.report imports this module: import late; it ships with the repository, not the wheel
-            from benchmarks.report import write_section
-        except ImportError as error:
-            raise RuntimeError("--results needs lipdp's repository checkout (its benchmarks/ folder)") from error
+        from benchmarks.report import write_section
 
         report = outcome["report"].replace("# lipdp vs", "## lipdp vs", 1)
         write_section("compare", f"Generated by `python -m recipes.compare`.\n\n{report}", args.results)
@@ -418,20 +302,23 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m recipes.compare",
+PROG = "python -m recipes.compare"
+
+
+def build_parser() -> ArgumentParser:
+    """The comparison's flags (one-line errors, exit status 2: ``lipdp.cli.errors``)."""
+    parser = ArgumentParser(
+        prog=PROG,
         description="lipdp vs Opacus DP-SGD on the same data, (epsilon, delta) and epochs, each side in its own "
                     "process: test accuracy, median step time, peak memory, wall time and epsilon spent.")
     add_compare_arguments(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    try:
-        return run_compare(args)
-    except RuntimeError as error:
-        print(f"compare: error: {error}", file=sys.stderr)
-        return 2
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m recipes.compare``: returns the exit status (2 with one line for a user error)."""
+    return run_main(PROG, build_parser, run_compare, argv)
 
 
 if __name__ == "__main__":

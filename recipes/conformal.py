@@ -5,7 +5,7 @@
     python -m recipes.conformal --dataset digits --epochs 5 --calibration-size 300 --test-size 300
 
 Data: the training split is cut (fixed seed, fixed sizes) into a private training part and a calibration part of
-``--calibration-size`` samples; nothing is tuned on the test split, which is only used for the report.
+``--calibration-size`` samples (a fraction of the training split, default 0.2, or a count); nothing is tuned on the test split, which is only used for the report.
 Model: ``lipdp.models.orthogonal_cnn`` on pixels (InputNormClip(X0) first, so radii are in pixel space), trained
 with (eps_train, delta)-DP by ``lipdp.training.train_private``; its Lipschitz constant is certified by the engine.
 
@@ -32,7 +32,6 @@ calibration part; they are there for comparison.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -45,6 +44,8 @@ from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from lipdp.attacks import l2_pgd
+from lipdp.cli.errors import ArgumentParser, UserError, run_main
+from lipdp.cli.output import write_json
 from lipdp.conformal import (
     conformal_quantile,
     coverage,
@@ -61,6 +62,16 @@ from lipdp.models import orthogonal_cnn
 from lipdp.training import TrainConfig, train_private
 
 logger = logging.getLogger(__name__)
+
+
+def calibration_count(size: float, available: int) -> int:
+    """Samples held out for calibration: ``size`` as a fraction of ``available`` if below 1, else as a count; at
+    least 1 and leaving at least 1 to train on."""
+    count = round(size * available) if 0 < size < 1 else int(size)
+    if size <= 0 or (size >= 1 and size != int(size)) or not 1 <= count < available:
+        raise UserError(f"--calibration-size {size:g} does not fit the {available} training samples.",
+                        f"give a fraction in (0, 1), e.g. 0.1, or a count below {available}")
+    return count
 
 
 def _subset(dataset: TensorDataset, size: int | None, seed: int) -> TensorDataset:
@@ -90,18 +101,17 @@ def _attack(model: nn.Module, statistic: Callable[[torch.Tensor], torch.Tensor],
 
 
 def run(dataset: str = "fashion-mnist", alpha: float = 0.1, radius: float = 0.25, epsilon: float = 3.0,
-        delta: float = 1e-5, calibration_epsilon: float = 1.0, calibration_size: int = 5000,
+        delta: float = 1e-5, calibration_epsilon: float = 1.0, calibration_size: float = 0.2,
         test_size: int | None = 2000, score: str = "softmax", score_temperature: float | None = None,
         score_bias: float = 0.0, grid_size: int = 1001, epochs: int = 8, batch_size: int = 1024,
         learning_rate: float = 1e-2, temperature: float = 2.0, input_norm_bound: float = 10.0,
         widths: tuple[int, ...] = (16, 32, 64), attack_steps: int = 10, seed: int = 0,
         data_root: str | None = None, progress: bool = True) -> dict:
-    """Train privately, calibrate, evaluate; returns every number of the report (see module docstring)."""
+    """Train privately, calibrate, evaluate; returns every number of the report (see module docstring).
+    ``calibration_size``: a fraction of the training split in (0, 1), or a number of samples."""
     splits = load_dataset(dataset, root=data_root, seed=seed)
-    n_train_split = len(splits.train)
-    if not 0 < calibration_size < n_train_split:
-        raise ValueError(f"calibration_size must be in (0, {n_train_split}), got {calibration_size}")
-    train, calibration = train_validation_split(splits.train, calibration_size / n_train_split, seed=seed)
+    n_calibration = calibration_count(calibration_size, len(splits.train))
+    train, calibration = train_validation_split(splits.train, n_calibration / len(splits.train), seed=seed)
     test = _subset(splits.test, test_size, seed)
 
     torch.manual_seed(seed)
@@ -199,8 +209,12 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m recipes.conformal", description=__doc__,
+PROG = "python -m recipes.conformal"
+
+
+def build_parser() -> ArgumentParser:
+    """The recipe's flags (one-line errors, exit status 2: ``lipdp.cli.errors``)."""
+    parser = ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="fashion-mnist", help="image data set (fashion-mnist, digits, ...)")
     parser.add_argument("--data-root", default=None, help="folder holding the data set's files (optional)")
@@ -211,8 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--delta", type=float, default=1e-5, help="training delta")
     parser.add_argument("--calibration-epsilon", type=float, default=1.0,
                         help="privacy budget of the private calibration threshold (pure eps-DP)")
-    parser.add_argument("--calibration-size", type=int, default=5000,
-                        help="calibration samples held out of the training split (public size n)")
+    parser.add_argument("--calibration-size", type=float, default=0.2,
+                        help="calibration samples held out of the training split (public size n): a fraction in "
+                             "(0, 1) of the split, or a count (default: %(default)s)")
     parser.add_argument("--test-size", type=int, default=2000,
                         help="test samples evaluated (a seeded subset; the PGD attack dominates the cost); 0 = all")
     parser.add_argument("--score", choices=("softmax", "sigmoid"), default="softmax",
@@ -236,9 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+def run_from_arguments(args: argparse.Namespace) -> int:
+    """Run the recipe for parsed ``args``: print the table, write ``--json``."""
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run(
@@ -252,9 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(markdown_table(result))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+        write_json(args.json, result)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m recipes.conformal``: returns the exit status (2 with one line for a user error)."""
+    return run_main(PROG, build_parser, run_from_arguments, argv)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ Preprocessing (``--preprocess``, all per-sample maps with fixed constants, free 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import statistics
@@ -35,7 +34,6 @@ import sys
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from sklearn.ensemble import IsolationForest
 from torch import nn
@@ -45,6 +43,8 @@ from tqdm.auto import tqdm
 from orthogonium.layers import AdaptiveOrthoConv2d, MaxMin, OrthoLinear
 
 from lipdp.bounds import lipschitz_constant
+from lipdp.cli.errors import ArgumentParser, UserError, run_main
+from lipdp.cli.output import write_json
 from lipdp.datasets import load_dataset, train_validation_split
 from lipdp.engine import LipDPEngine
 from lipdp.layers import InputNormClip, L2NormPool2d
@@ -68,9 +68,13 @@ log = logging.getLogger("recipes.one_class")
 RAW_PIXEL_SCALE = {"fashion-mnist": 255.0, "digits": 16.0, "cifar10": 255.0}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m recipes.one_class",
+PROG = "python -m recipes.one_class"
+
+
+def build_parser() -> ArgumentParser:
+    """The recipe's flags (one-line errors, exit status 2: ``lipdp.cli.errors``)."""
+    p = ArgumentParser(
+        prog=PROG,
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -151,14 +155,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ev.add_argument("--json", default=None, help="write every number to this JSON file")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.add_argument("--log-level", default="INFO")
-    args = p.parse_args(argv)
+    return p
+
+
+def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
+    """Refuse values the parser cannot check by type alone (``UserError``: one line on the command line)."""
     if any(r < 0 or not math.isfinite(r) for r in args.radii):
-        p.error(f"--radii must be finite and >= 0, got {args.radii}")
+        raise UserError(f"--radii must be finite and >= 0, got {args.radii}.", "give radii such as 0 0.25 1")
     if args.epsilon is not None and not args.epsilon > 0:
-        p.error("--epsilon must be > 0")
+        raise UserError(f"--epsilon must be > 0, got {args.epsilon}.", "omit it for non-private training")
     if not 0 < args.delta < 1:
-        p.error("--delta must be in (0, 1)")
+        raise UserError(f"--delta must be in (0, 1), got {args.delta}.", "use e.g. 1e-5 (below 1/N)")
     return args
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parsed and checked arguments of the recipe."""
+    return check_arguments(build_parser().parse_args(argv))
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -235,7 +248,8 @@ def load_tasks(args: argparse.Namespace) -> list[Task]:
     tasks = []
     for c in classes:
         if not 0 <= c < splits.num_classes:
-            raise ValueError(f"--normal-class {c} is not a class of {args.dataset} (0..{splits.num_classes - 1})")
+            raise UserError(f"--normal-class {c} is not a class of {args.dataset} (0..{splits.num_classes - 1}).",
+                            f"give classes between 0 and {splits.num_classes - 1}, or 'all'")
         raw = (x_train[y_train == c], x_eval[y_eval == c], x_eval[y_eval != c])
         x_tr, x_normal, x_anomaly = (preprocess(t, args) for t in raw)
         tasks.append(Task(c, x_tr, x_normal, x_anomaly, tuple(x_tr.shape[1:]), image, raw_radius_factor(args), raw))
@@ -412,9 +426,11 @@ def summarise(results: list[dict], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+def run(args: argparse.Namespace) -> list[dict]:
+    """Every (normal class, seed) run of the parsed ``args``: printed as a summary, written to ``--json``,
+    returned."""
+    check_arguments(args)
+    logging.getLogger().setLevel(args.log_level)
     torch.set_num_threads(args.threads)
     tasks = load_tasks(args)
     results = []
@@ -435,11 +451,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
         results.append(result)
     print(summarise(results, args))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"argv": sys.argv[1:] if argv is None else argv, "args": vars(args), "results": results}, f,
-                      indent=2)
+        write_json(args.json, {"args": vars(args), "results": results})
     return results
 
 
+def _run_command(args: argparse.Namespace) -> int:
+    run(args)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m recipes.one_class``: returns the exit status (2 with one line for a user error)."""
+    return run_main(PROG, build_parser, _run_command, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

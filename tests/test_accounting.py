@@ -6,7 +6,6 @@ Reference case (DESIGN.md §4): q = 256/60000, σ = 1.1, T = 3516, δ = 1e-5 →
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -29,7 +28,7 @@ from accounting import (
     max_steps,
     steps_for_epochs,
 )
-from accounting.cli import add_budget_arguments, run_budget
+from lipdp.cli import main as lipdp_main
 
 REPO = Path(__file__).resolve().parents[1]
 Q, SIGMA, T, DELTA = 256 / 60000, 1.1, 3516, 1e-5
@@ -38,7 +37,7 @@ HAS_PLD = accounting.backends.pld_available()
 
 def run_module(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "accounting", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "lipdp.cli", "budget", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -54,8 +53,8 @@ def reference() -> dict[str, PrivacyAccountant]:
 # -- import ------------------------------------------------------------------------------------------
 
 
-def test_import_accounting_does_not_import_torch():
-    code = ("import sys, accounting, accounting.cli, accounting.report, accounting.calibration\n"
+def test_import_accounting_and_the_cli_does_not_import_torch():
+    code = ("import sys, accounting, accounting.report, accounting.calibration, lipdp.cli, lipdp.cli.budget\n"
             "print(sorted(m for m in ('torch', 'opacus', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                          capture_output=True, text=True, check=True).stdout
@@ -345,9 +344,7 @@ def test_budget_report(tmp_path):
 
 
 def budget(*argv: str, capsys) -> tuple[int, str, str]:
-    parser = argparse.ArgumentParser(prog="lipdp budget")
-    add_budget_arguments(parser)
-    code = run_budget(parser.parse_args(argv))
+    code = lipdp_main(["budget", *argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 

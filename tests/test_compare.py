@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks import batch_size, report, step_time
+from benchmarks import batch_size, harness, report, step_time
 from benchmarks.measure import Configuration, Measurement, measure, run_isolated
 from lipdp.datasets import load_dataset
 from recipes import compare
@@ -36,7 +36,7 @@ def test_opacus_baseline_spends_the_target_budget_on_digits():
 def test_step_timer_times_training_steps_only():
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with compare.StepTimer() as timer:
+    with harness.StepTimer() as timer:
         for _ in range(3):
             optimizer.zero_grad()
             model(torch.rand(6, 4)).sum().backward()
@@ -59,7 +59,7 @@ def _fake_side(accuracy: float, step: float) -> dict:
 def test_compare_report_and_plot(tmp_path):
     settings = compare.CompareSettings(dataset="digits", epochs=1)
     results = {"lipdp": _fake_side(0.8, 0.01), "opacus": _fake_side(0.7, 0.02)}
-    text = compare.markdown_report(settings, results, compare.machine_description())
+    text = compare.markdown_report(settings, results, harness.machine_description())
     for expected in ("test accuracy", "80.00%", "median step time", "20.0 ms", "peak memory", "500 MiB",
                      "process wall time", "epsilon spent", "2.990"):
         assert expected in text
@@ -67,9 +67,7 @@ def test_compare_report_and_plot(tmp_path):
 
 
 def test_compare_command_line_matches_settings():
-    from lipdp.cli import build_parser
-
-    args = build_parser().parse_args(["compare", "--dataset", "digits", "--epochs", "2", "--opacus-lr", "3"])
+    args = compare.build_parser().parse_args(["--dataset", "digits", "--epochs", "2", "--opacus-lr", "3"])
     assert (args.dataset, args.epochs, args.opacus_learning_rate, args.side) == ("digits", 2, 3.0, None)
     assert set(compare.CompareSettings.__dataclass_fields__) - set(vars(args)) == {"progress"}
 

@@ -329,7 +329,7 @@ def test_recipe_help():
     with pytest.raises(SystemExit) as info:
         one_class.parse_args(["--help"])
     assert info.value.code == 0
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="--radii"):
         one_class.parse_args(["--radii", "-1"])
 
 
@@ -339,11 +339,11 @@ def test_recipe_end_to_end_on_breast_cancer(tmp_path):
     from recipes import one_class
 
     out = tmp_path / "oc.json"
-    results = one_class.main([
+    results = one_class.run(one_class.parse_args([
         "--dataset", "breast_cancer", "--normal-class", "1", "--epsilon", "8", "--nonprivate-reference",
         "--isolation-forest", "--epochs", "5", "--attack-steps", "5", "--attack-samples", "40",
         "--radii", "0", "0.25", "1", "--quiet", "--json", str(out),
-    ])
+    ]))
     saved = json.loads(out.read_text())
     assert saved["results"] == json.loads(json.dumps(results))
     (result,) = results
@@ -364,10 +364,10 @@ def test_recipe_end_to_end_on_digits_images():
     pytest.importorskip("lipdp.engine")
     from recipes import one_class
 
-    (result,) = one_class.main([
+    (result,) = one_class.run(one_class.parse_args([
         "--dataset", "digits", "--normal-class", "3", "--epsilon", "8", "--epochs", "2", "--batch-size", "32",
         "--newton-steps", "2", "--radii", "0", "0.5", "--quiet",
-    ])
+    ]))
     run = result["private"]
     assert result["raw_radius_factor"] == 16.0  # digits: pixel values 0..16, scaled by 1/16 in the loader
     assert 0.0 <= run["auroc"] <= 1.0 and run["lipschitz"] <= 1.0 + 1e-3

@@ -39,13 +39,13 @@ def test_lipdp_train_on_digits_beats_chance_by_far_at_epsilon_3(tmp_path, capsys
     assert lipdp_main(["train", "--dataset", "digits", "--epsilon", "3", "--json", str(out), "--no-progress"]) == 0
     record = json.loads(out.read_text())
     assert record["epsilon"] <= 3.0 and record["test_accuracy"] > 0.5  # chance: 0.1
-    assert record["model"] == {"kind": "mlp", "widths": [64]}  # the CNN stays near chance here (cli.py)
+    assert record["model"] == {"kind": "mlp", "widths": [64]}  # the CNN stays near chance here (lipdp.presets)
     assert "model: orthogonal MLP (64,)" in capsys.readouterr().out
 
 
-def test_lipdp_train_refuses_a_cnn_on_tabular_data():
-    with pytest.raises(SystemExit, match="--model mlp"):
-        lipdp_main(["train", "--dataset", "breast_cancer", "--model", "cnn", "--epochs", "1"])
+def test_lipdp_train_refuses_a_cnn_on_tabular_data(capsys):
+    assert lipdp_main(["train", "--dataset", "breast_cancer", "--model", "cnn", "--epochs", "1"]) == 2
+    assert "(fix: use --model mlp)" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -1,23 +1,23 @@
-"""``lipdp budget`` (also ``python -m accounting``): ε of a training configuration, or the σ it needs.
+"""``lipdp budget``: ε of a training configuration, or the σ it needs (torch-free: only ``accounting`` is imported).
 
 Prints ε for every requested backend side by side (``--noise-multiplier``), or the calibrated noise
 multiplier per backend (``--target-epsilon``); ``--json`` prints one JSON object instead. Bad input
-prints one ``error:`` line to stderr and exits with status 2.
+prints one ``lipdp budget: error:`` line to stderr and exits with status 2 (``lipdp.cli.errors``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-from collections.abc import Sequence
 
 from accounting.accountant import PrivacyAccountant
-from accounting.backends import BACKENDS, AccountingError, BackendUnavailable, available_backends
+from accounting.backends import BACKENDS, available_backends
 from accounting.backends.pld import INSTALL_HINT
 from accounting.calibration import SIGMA_RANGE, SIGMA_RTOL, calibrate_noise, steps_for_epochs
 from accounting.validation import check_delta, check_noise_multiplier, check_positive, check_sample_rate, check_steps
 
+HELP = "epsilon for a noise multiplier, or the noise for a target epsilon"
+FORMATTER = argparse.RawDescriptionHelpFormatter
 DESCRIPTION = """\
 Privacy budget of DP training with Poisson sampling at rate q and Gaussian noise multiplier σ
 (T steps). Give σ to get ε, or a target ε to get the smallest σ that meets it."""
@@ -28,11 +28,8 @@ examples:
   %(prog)s --target-epsilon 3 --sample-rate 0.004 --steps 5000 --backend prv --json"""
 
 
-def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``budget`` options to ``parser`` (used by ``lipdp budget`` and ``python -m accounting``)."""
-    parser.description = parser.description or DESCRIPTION
-    parser.epilog = parser.epilog or EPILOG
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``budget`` options to ``parser``."""
     what = parser.add_argument_group("what to compute (one of)").add_mutually_exclusive_group(required=True)
     what.add_argument("--noise-multiplier", type=float, metavar="SIGMA",
                       help="noise std divided by the sensitivity (σ > 0): print the ε it spends")
@@ -138,18 +135,8 @@ def _table(out: dict) -> str:
     return "\n".join(lines)
 
 
-def run_budget(args: argparse.Namespace) -> int:
-    """Run ``budget`` for parsed ``args``; print the result (or one error line on stderr). Returns the exit status."""
-    try:
-        out = _compute(args)
-    except (ValueError, AccountingError, BackendUnavailable) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+def run(args: argparse.Namespace) -> int:
+    """``lipdp budget``: print the result for parsed ``args``; a bad value raises (one error line, exit 2)."""
+    out = _compute(args)
     print(json.dumps(out, indent=2) if args.json else _table(out))
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m accounting")
-    add_budget_arguments(parser)
-    return run_budget(parser.parse_args(argv))

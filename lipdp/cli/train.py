@@ -1,0 +1,99 @@
+"""``lipdp train``: private training of an orthogonal network on an offline data set (``lipdp.training``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lipdp.cli.errors import UserError
+from lipdp.cli.output import write_json
+
+HELP = "train an orthogonal network privately and report accuracy and (eps, delta)"
+DESCRIPTION = "Train privately on an offline data set; prints test accuracy and the budget report."
+OPTIMIZERS = ("adam", "sgd")  # lipdp.training.OPTIMIZERS, repeated here so that --help needs no torch
+NOISE_STRATEGIES = ("global", "per_layer", "min_energy")  # lipdp.noise.NOISE_STRATEGIES, same reason
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``train`` flags; per-data-set defaults come from ``lipdp.presets``."""
+    parser.add_argument("--dataset", default="digits",
+                        help="data set name from lipdp.datasets (digits, fashion-mnist, breast_cancer, adult, ...)")
+    parser.add_argument("--data-root", default=None, help="folder holding the data files (else standard places)")
+    parser.add_argument("--epsilon", type=float, default=3.0, help="target epsilon of the whole training run")
+    parser.add_argument("--delta", type=float, default=1e-5, help="target delta (keep it below 1/N)")
+    parser.add_argument("--epochs", type=int, default=None, help="passes over the data (default: per data set)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="expected Poisson batch size; large batches cost nothing extra in lipdp")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="learning rate of the wrapped optimizer (cosine-annealed)")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="cross-entropy temperature tau in CE(tau z)/tau (Lipschitz constant sqrt(2) for any tau)")
+    parser.add_argument("--model", choices=("cnn", "mlp"), default=None,
+                        help="orthogonal CNN (images only) or orthogonal MLP on the flattened input; default: the "
+                             "data set's (digits: mlp, other images: cnn, tabular: mlp)")
+    parser.add_argument("--widths", type=int, nargs="+", default=None,
+                        help="channels of each orthogonal conv stage (cnn) or hidden widths (mlp)")
+    parser.add_argument("--noise-strategy", choices=NOISE_STRATEGIES, default="global",
+                        help="how noise is spread over parameter groups (all are accounted as sigma)")
+    parser.add_argument("--loss-grad-clip", type=float, default=None,
+                        help="clip each sample's logit gradient to this norm (<= sqrt(2) lowers the noise)")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
+                        help="the optimizer the engine wraps: adam, or sgd with momentum 0.9")
+    parser.add_argument("--accountant", choices=("prv", "rdp", "pld"), default="prv", help="privacy accountant")
+    parser.add_argument("--physical-batch-size", type=int, default=None,
+                        help="split each logical batch into micro-batches of this size (memory), one noise draw")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data split, model init, sampling and noise")
+    parser.add_argument("--json", type=Path, default=None, help="write the results and budget report here")
+    parser.add_argument("--plot", type=Path, default=None, help="write the budget plot (PNG) here")
+    parser.add_argument("--no-progress", action="store_true", help="hide the per-epoch progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train with the data set's preset overridden by the flags; print the budget report and the accuracy."""
+    import math
+
+    from lipdp import distributed
+    from lipdp.datasets import load_dataset
+    from lipdp.models import orthogonal_cnn, orthogonal_mlp
+    from lipdp.presets import train_preset
+    from lipdp.training import TrainConfig, train_private
+
+    splits = load_dataset(args.dataset, root=args.data_root, seed=args.seed)
+    image = len(splits.input_shape) == 3
+    kind = args.model or train_preset(splits.name)["model"] or ("cnn" if image else "mlp")
+    if kind == "cnn" and not image:
+        raise UserError(f"--model cnn needs image data; {splits.name} has samples of shape "
+                        f"{tuple(splits.input_shape)}.", "use --model mlp")
+    preset = train_preset(splits.name, kind)
+    widths = tuple(args.widths or preset["widths"])
+    config = TrainConfig(
+        epsilon=args.epsilon, delta=args.delta, epochs=args.epochs or preset["epochs"],
+        batch_size=min(args.batch_size or preset["batch_size"], len(splits.train)),
+        learning_rate=args.lr or preset["learning_rate"], temperature=args.temperature or preset["temperature"],
+        noise_strategy=args.noise_strategy, loss_grad_clip=args.loss_grad_clip, accountant=args.accountant,
+        seed=args.seed, max_physical_batch_size=args.physical_batch_size, optimizer=args.optimizer,
+    )
+    if kind == "cnn":
+        model = orthogonal_cnn(splits.input_shape, splits.num_classes, widths=widths)
+    else:
+        model = orthogonal_mlp(math.prod(splits.input_shape), splits.num_classes, hidden=widths)
+    if not distributed.init_from_env() or distributed.is_main_process():  # under torchrun, rank 0 reports
+        print(f"data: {splits.description}")
+        parameters = sum(p.numel() for p in model.parameters())
+        print(f"model: orthogonal {kind.upper()} {widths} with {parameters} parameters; "
+              f"target ({config.epsilon}, {config.delta})-DP, {config.epochs} epochs, expected batch {config.batch_size}")
+    result, engine = train_private(model, splits.train, splits.test, config, progress=not args.no_progress)
+    if not distributed.is_main_process():
+        return 0
+    report = engine.report(delta=config.delta, target_epsilon=config.epsilon)
+    print(report.to_text())
+    print(f"\ntest accuracy {result.test_accuracy:.4f} on {len(splits.test)} held-out samples at "
+          f"(epsilon = {result.epsilon:.3f}, delta = {config.delta:g}); noise multiplier {result.noise_multiplier:.4f}, "
+          f"{result.steps} steps, {result.seconds:.1f} s of training")
+    if args.json:
+        record = {"dataset": splits.name, "model": {"kind": kind, "widths": widths}, "config": vars(config),
+                  **result.to_dict(), "budget": report.to_dict()}
+        print(f"wrote {write_json(args.json, record)}")
+    if args.plot:
+        print(f"wrote {report.plot(args.plot)}")
+    return 0

@@ -1,0 +1,103 @@
+"""The command line as a user meets it: one-line errors with exit status 2, fast start, the layering of the code."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lipdp.cli.errors import UserError, one_line
+
+REPO = Path(__file__).resolve().parents[1]
+ONE_LINE_ERROR = re.compile(r"^(?P<prog>[\w .-]+): error: (?P<what>.+) \(fix: (?P<fix>.+)\)$")
+
+
+def run(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python ARGV`` in a fresh interpreter from the repository root."""
+    return subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def assert_one_line_user_error(result: subprocess.CompletedProcess, prog: str, *words: str) -> None:
+    """Exit status 2, nothing on stdout after the error, exactly one line on stderr: PROG: error: WHAT (fix: HOW)."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    match = ONE_LINE_ERROR.match(lines[0])
+    assert match and match["prog"] == prog, lines[0]
+    assert "Traceback" not in result.stderr
+    for word in words:
+        assert word in lines[0]
+
+
+@pytest.mark.parametrize("command, prog", [
+    (["-m", "recipes.classify"], "python -m recipes.classify"),
+    (["-m", "recipes.conformal"], "python -m recipes.conformal"),
+    (["-m", "recipes.one_class"], "python -m recipes.one_class"),
+    (["-m", "lipdp.cli", "train"], "lipdp train"),
+])
+def test_an_unknown_data_set_is_one_line_and_exit_2(command, prog):
+    assert_one_line_user_error(run(*command, "--dataset", "no-such-set"), prog, "no-such-set", "digits")
+
+
+def test_an_impossible_class_is_one_line():
+    result = run("-m", "recipes.one_class", "--normal-class", "12")
+    assert_one_line_user_error(result, "python -m recipes.one_class", "--normal-class 12", "between 0 and 1")
+
+
+def test_parse_errors_are_one_line_and_name_help():
+    assert_one_line_user_error(run("-m", "lipdp.cli", "trian"), "lipdp", "invalid choice", "--help")
+    assert_one_line_user_error(run("-m", "lipdp.cli", "train", "--epochs", "x"), "lipdp train", "--epochs")
+    assert_one_line_user_error(run("-m", "recipes.classify", "--head", "mlp"), "python -m recipes.classify", "--head")
+
+
+def test_budget_errors_are_one_line():
+    result = run("-m", "lipdp.cli", "budget", "--noise-multiplier", "-1", "--sample-rate", "0.1", "--steps", "3")
+    assert_one_line_user_error(result, "lipdp budget", "--noise-multiplier")
+
+
+def test_help_and_budget_start_without_torch():
+    """``lipdp --help`` and ``lipdp budget --help`` import neither torch nor opacus (the 0.5 s start-up budget is
+    measured by the import set, not by a timer: a timed unit test would be flaky)."""
+    code = ("import sys\nfrom lipdp.cli import build_parser\nbuild_parser()\n"
+            "print(sorted(m for m in ('torch', 'opacus', 'orthogonium', 'matplotlib') if m in sys.modules))")
+    result = run("-c", code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+    help_text = run("-m", "lipdp.cli", "--help").stdout
+    for command in ("train", "budget", "bounds", "demo", "audit"):
+        assert command in help_text
+
+
+def test_library_never_imports_recipes_or_benchmarks():
+    pattern = re.compile(r"^\s*(from|import)\s+(recipes|benchmarks)\b", re.MULTILINE)
+    offenders = [str(path.relative_to(REPO)) for folder in ("lipdp", "accounting")
+                 for path in (REPO / folder).rglob("*.py") if pattern.search(path.read_text())]
+    assert offenders == []
+
+
+def test_accounting_never_imports_torch_or_lipdp():
+    pattern = re.compile(r"^\s*(from|import)\s+(torch|lipdp)\b", re.MULTILINE)
+    offenders = [str(path.relative_to(REPO)) for path in (REPO / "accounting").rglob("*.py")
+                 if pattern.search(path.read_text())]
+    assert offenders == []
+
+
+def test_one_line_keeps_a_message_s_own_fix_and_collapses_lines():
+    assert one_line(ValueError("bad thing.\n  more. Fix: do this."), "default") == "bad thing. more (fix: do this)"
+    assert one_line(ValueError("no fix here"), "see --help") == "no fix here (fix: see --help)"
+    assert one_line(UserError("what went wrong.", "how to fix it"), "unused") == "what went wrong (fix: how to fix it)"
+
+
+@pytest.mark.slow
+def test_conformal_runs_on_digits_with_its_defaults():
+    """Its calibration size is a fraction of the training split: the defaults fit a 1,437-image data set."""
+    result = run("-m", "recipes.conformal", "--dataset", "digits", "--epochs", "1", "--test-size", "100",
+                 "--attack-steps", "1", "--no-progress", timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "'calibration': 287" in result.stdout
