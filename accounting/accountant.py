@@ -105,6 +105,10 @@ class PrivacyAccountant:
         """ε spent so far at ``delta``: the backend's conservative (upper) value; 0.0 for an empty history."""
         return self.epsilon_result(delta).upper
 
+    def get_epsilon(self, delta: float) -> float:
+        """Opacus's name for :meth:`epsilon`: ``engine.accountant.get_epsilon(delta=1e-5)`` works as in Opacus."""
+        return self.epsilon(delta)
+
     def epsilon_bounds(self, delta: float) -> tuple[float, float, float]:
         """(lower, estimate, upper) ε at ``delta``. Backends without a lower bound (RDP, PLD) report 0.0,
         the trivial one."""

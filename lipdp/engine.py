@@ -7,46 +7,48 @@
     engine.get_epsilon(delta=1e-5)
 
 The returned model is the same module with hooks (input checks, output-gradient fix, materialised weights),
-the optimizer noises the summed gradient in ``step()`` (see ``mechanism.py``), and the loader draws Poisson
-batches from the engine's own generator (DESIGN.md §3).
+the optimizer noises the summed gradient in ``step()`` (``mechanism.py``), and the loader draws Poisson
+batches from the engine's own generator (docs/design.md §3). This class is a facade: argument checks live in
+``checks.py``, statistics releases in ``statistics.py``, micro-batches in ``sampling.py``, checkpoint files in
+``checkpoint.py`` and crash-safe resume in ``journal.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
-import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Iterator
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from accounting import BudgetReport, PrivacyAccountant, calibrate_noise
-from accounting.validation import check_delta, check_noise_multiplier, check_positive, check_steps
+from accounting.validation import check_steps
 from lipdp import distributed
-from lipdp.bounds import check_model, lipschitz_constant, record_shapes
+from lipdp.bounds import BoundReport, check_model, lipschitz_constant, record_shapes
+from lipdp.checkpoint import load_state, save_state
+from lipdp.checks import check_private_arguments, reject_unknown_arguments, warn_if_unfittable
 from lipdp.hooks import InputGuard, OutputGradientHook
-from lipdp.journal import StepJournal
-from lipdp.losses import loss_lipschitz
+from lipdp.journal import StepJournal, count_journaled_steps, fresh_seed
 from lipdp.mechanism import GradientMechanism, MechanismConfig, PrivacyBudgetExceeded
-from lipdp.noise import NOISE_STRATEGIES
 from lipdp.optimizer import DPOptimizer
 from lipdp.reparametrization import MaterializedWeights
-from lipdp.sampling import PoissonDataLoader
-from lipdp.statistics import ChannelBlock, private_channel_moments, private_mean
+from lipdp.sampling import PoissonDataLoader, random_seed, virtual_batches
+from lipdp.statistics import ChannelBlock, StatisticsReleases, private_channel_moments, private_mean
 
 __all__ = ["LipDPEngine", "PrivacyBudgetExceeded"]
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
+
+SAMPLING_SEED, NOISE_SEED, STATISTICS_SEED = 0, 1, 2  # offsets of the three generators' seeds from engine.seed
 
 
-def _seed_from_os() -> int:
-    return int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
+def _device_of(module: nn.Module) -> torch.device:
+    parameter = next((p for p in module.parameters()), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
 
 
 class LipDPEngine:
@@ -61,11 +63,11 @@ class LipDPEngine:
     def __init__(self, accountant: str = "prv", secure_mode: bool = False, seed: int | None = None) -> None:
         self.accountant = PrivacyAccountant(backend=accountant)
         self.secure_mode = secure_mode
-        self.seed = _seed_from_os() if secure_mode or seed is None else int(seed)
-        self.sampling_generator = torch.Generator().manual_seed(self.seed)
-        self.noise_generator = torch.Generator().manual_seed(self.seed + 1)
-        self.statistics_generator = torch.Generator().manual_seed(self.seed + 2)
-        self._statistics_synchronised = False
+        self.seed = random_seed() if secure_mode or seed is None else int(seed)
+        self.sampling_generator = torch.Generator().manual_seed(self.seed + SAMPLING_SEED)
+        self.noise_generator = torch.Generator().manual_seed(self.seed + NOISE_SEED)  # moved to the model's device
+        self.statistics = StatisticsReleases(self.accountant,
+                                             torch.Generator().manual_seed(self.seed + STATISTICS_SEED))
         self.model: nn.Module | None = None
         self.optimizer: DPOptimizer | None = None
         self.data_loader: PoissonDataLoader | None = None
@@ -73,7 +75,12 @@ class LipDPEngine:
         self.journal: StepJournal | None = None
         self._hooks: list = []
 
-    # ----------------------------------------------------------------------------------------------
+    @property
+    def statistics_generator(self) -> torch.Generator:
+        """The generator of the statistics released before training (``private_mean``...)."""
+        return self.statistics.generator
+
+    # ---------------------------------------------------------------------------------- releases before training
     def private_mean(self, data: torch.Tensor, noise_multiplier: float, norm_bound: float) -> torch.Tensor:
         """The mean of ``data``'s rows, each clipped to ``norm_bound``, released by the Gaussian mechanism
         (``lipdp.statistics.private_mean``) and recorded in this engine's accountant as one step at sample rate 1:
@@ -90,18 +97,13 @@ class LipDPEngine:
         return self._release(noise_multiplier, lambda generator: private_channel_moments(
             data, blocks, norm_bound, noise_multiplier, generator))
 
-    def _release(self, noise_multiplier: float, mechanism: Callable[[torch.Generator], T]) -> T:
-        """Run a full-data Gaussian mechanism on the statistics generator and account it (one step, q = 1)."""
+    def _release(self, noise_multiplier: float, mechanism):
         if self.model is not None:
             raise RuntimeError("release statistics before make_private(...): the training budget is set there")
-        if distributed.is_distributed() and not self._statistics_synchronised:  # every rank draws the same noise
-            self.seed = distributed.broadcast_seed(self.seed)
-            self.statistics_generator.manual_seed(self.seed + 2)  # once: later releases draw fresh noise
-            self._statistics_synchronised = True
-        released = mechanism(self.statistics_generator)
-        self.accountant.step(noise_multiplier=noise_multiplier, sample_rate=1.0)
+        released, self.seed = self.statistics.release(noise_multiplier, mechanism, self.seed, STATISTICS_SEED)
         return released
 
+    # ------------------------------------------------------------------------------------------ make private
     def make_private(
         self,
         *,
@@ -117,68 +119,41 @@ class LipDPEngine:
         loss_grad_clip: float | None = None,
         max_epsilon: float | None = None,
         target_delta: float | None = None,
+        **opacus_arguments,
     ) -> tuple[nn.Module, DPOptimizer, PoissonDataLoader]:
-        """Attach the private mechanism. Every argument is checked here, before any training step.
+        """Attach the private mechanism. Every argument is checked here, before any training step
+        (``lipdp.checks``; Opacus-only arguments such as ``max_grad_norm`` get an error naming lipdp's equivalent).
 
         Multi-process (``lipdp.distributed``): call it on every rank with the same model, the full dataset and
         the *global* expected batch size; ``module`` may be plain or wrapped in DistributedDataParallel.
         """
+        reject_unknown_arguments(opacus_arguments, "make_private")
         if self.model is not None:
             raise RuntimeError("this engine is already attached to a model; create one engine per training run")
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
-        if not isinstance(optimizer, torch.optim.Optimizer) or isinstance(optimizer, DPOptimizer):
-            raise TypeError("optimizer must be an ordinary torch.optim.Optimizer over the model's parameters")
-        if not isinstance(data_loader, DataLoader):
-            raise TypeError(f"data_loader must be a torch DataLoader, got {type(data_loader).__name__}")
-        input_norm_bound = check_positive(input_norm_bound, "input_norm_bound")
-        noise_multiplier = check_noise_multiplier(noise_multiplier)
-        if loss_grad_clip is not None:
-            loss_grad_clip = check_positive(loss_grad_clip, "loss_grad_clip")
-        if noise_strategy not in NOISE_STRATEGIES:
-            raise ValueError(f"noise_strategy must be one of {NOISE_STRATEGIES}, got {noise_strategy!r}")
-        if target_delta is not None:
-            target_delta = check_delta(target_delta, "target_delta")
-        if max_epsilon is not None:
-            if target_delta is None:
-                raise ValueError("max_epsilon needs a target_delta")
-            max_epsilon = check_positive(max_epsilon, "max_epsilon")
-        reduction = getattr(criterion, "reduction", loss_reduction)
-        if reduction != loss_reduction:
-            raise ValueError(
-                f"criterion.reduction={reduction!r} but loss_reduction={loss_reduction!r}: they must agree "
-                "(the engine turns a mean over the batch into a sum before noising)."
-            )
-        if loss_grad_clip is not None:
-            try:
-                lipschitz = min(loss_grad_clip, loss_lipschitz(criterion))
-            except ValueError:
-                lipschitz = float(loss_grad_clip)  # the clip alone bounds any loss's logit gradient
-        else:
-            lipschitz = loss_lipschitz(criterion)
+        checked = check_private_arguments(
+            module=module, optimizer=optimizer, data_loader=data_loader, criterion=criterion,
+            noise_multiplier=noise_multiplier, input_norm_bound=input_norm_bound, loss_reduction=loss_reduction,
+            noise_strategy=noise_strategy, loss_grad_clip=loss_grad_clip, max_epsilon=max_epsilon,
+            target_delta=target_delta)
         wrapper, (module, ddp) = module, distributed.unwrap(module)
         check_model(module)
-        batch_size = data_loader.batch_size
-        if batch_size is None:
-            raise ValueError("data_loader needs a batch_size (the expected Poisson batch size)")
         if distributed.is_distributed():  # one mechanism over all ranks: shared generators, equal replicas
             self.seed = distributed.broadcast_seed(self.seed)
-            self.sampling_generator.manual_seed(self.seed)
-            self.noise_generator.manual_seed(self.seed + 1)
+            self.sampling_generator.manual_seed(self.seed + SAMPLING_SEED)
             distributed.broadcast_module(module)
             if ddp is not None:
                 distributed.disable_gradient_sync(ddp)
+        # Noise is drawn where the gradients live: a CPU generator cannot draw CUDA noise.
+        self.noise_generator = torch.Generator(device=_device_of(module)).manual_seed(self.seed + NOISE_SEED)
         poisson_loader = PoissonDataLoader(
-            data_loader.dataset, batch_size, self.sampling_generator,
+            data_loader.dataset, data_loader.batch_size, self.sampling_generator,
             num_workers=data_loader.num_workers, pin_memory=data_loader.pin_memory,
             rank=distributed.rank(), world_size=distributed.world_size(),
         )
-        if input_shape is None:
-            input_shape = tuple(poisson_loader.dataset[0][0].shape)
-        input_shape = tuple(input_shape)
+        input_shape = tuple(input_shape if input_shape is not None else poisson_loader.dataset[0][0].shape)
         model_params = {id(p) for p in module.parameters() if p.requires_grad}
-        optimizer_params = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        if not optimizer_params <= {id(p) for p in module.parameters()}:
+        if not {id(p) for group in optimizer.param_groups for p in group["params"]} <= {
+                id(p) for p in module.parameters()}:
             raise ValueError("the optimizer holds parameters that are not the model's")
         if not model_params:
             raise ValueError("the model has no trainable parameters")
@@ -187,24 +162,22 @@ class LipDPEngine:
         try:
             shapes = record_shapes(module, input_shape)
             config = MechanismConfig(
-                noise_multiplier=float(noise_multiplier),
-                sample_rate=poisson_loader.sample_rate,
+                noise_multiplier=checked["noise_multiplier"], sample_rate=poisson_loader.sample_rate,
                 expected_batch_size=poisson_loader.expected_batch_size,
-                input_norm_bound=float(input_norm_bound),
-                loss_lipschitz=float(lipschitz),
-                input_shape=input_shape,
-                noise_strategy=noise_strategy,
-                max_epsilon=max_epsilon,
-                target_delta=target_delta,
-            )
+                input_norm_bound=checked["input_norm_bound"], loss_lipschitz=checked["loss_lipschitz"],
+                input_shape=input_shape, noise_strategy=noise_strategy, max_epsilon=checked["max_epsilon"],
+                target_delta=checked["target_delta"])
             self.mechanism = GradientMechanism(
                 module, config, self.accountant, self.noise_generator, shapes, materialized,
                 reduce_gradients=distributed.gradient_reducer(ddp) if distributed.is_distributed() else None)
             self.mechanism.analysis()  # fail now, not at the first step, if anything cannot be bounded
+            output_shape = (shapes.get(module) or (None, ()))[1]
+            warn_if_unfittable(criterion, module, lipschitz_constant(module, input_shape), config.input_norm_bound,
+                               output_shape[-1] if output_shape else None)
             # The output hook clips each sample's logit gradient at the constant the bounds use, min(L, clip): a
             # no-op for the declared criterion, and what keeps the bound true if the loss back-propagated is another.
-            self._hooks.append(InputGuard(module, input_shape, float(input_norm_bound)).handle)
-            self._hooks.append(OutputGradientHook(module, loss_reduction, lipschitz).handle)
+            self._hooks.append(InputGuard(module, input_shape, config.input_norm_bound).handle)
+            self._hooks.append(OutputGradientHook(module, loss_reduction, config.loss_lipschitz).handle)
         except BaseException:  # leave the user's model as it was
             materialized.detach_from()
             for handle in self._hooks:
@@ -237,7 +210,7 @@ class LipDPEngine:
         kwargs.setdefault("target_delta", target_delta)
         return self.make_private(noise_multiplier=sigma, **kwargs)
 
-    # ----------------------------------------------------------------------------------------------
+    # ------------------------------------------------------------------------------------------------ reading
     def _require_attached(self) -> GradientMechanism:
         if self.mechanism is None:
             raise RuntimeError("call make_private(...) first")
@@ -245,6 +218,7 @@ class LipDPEngine:
 
     @property
     def noise_multiplier(self) -> float:
+        """The noise multiplier sigma every step is accounted with."""
         return self._require_attached().config.noise_multiplier
 
     def get_epsilon(self, delta: float) -> float:
@@ -259,7 +233,7 @@ class LipDPEngine:
         """Std of the noise added to each parameter's summed gradient at the last step (same keys)."""
         return dict(self._require_attached().last_stds)
 
-    def current_bounds(self):
+    def current_bounds(self) -> BoundReport:
         """The bound analysis (``BoundReport``) of the current weights, without taking a step."""
         return self._require_attached().analysis()
 
@@ -277,38 +251,21 @@ class LipDPEngine:
         target = target_epsilon if target_epsilon is not None else mechanism.config.max_epsilon
         return BudgetReport(self.accountant, delta, self.data_loader.steps_per_epoch, target_epsilon=target)
 
-    @contextlib.contextmanager
-    def virtual_batches(self, max_physical_batch_size: int) -> Iterator[Iterator]:
+    def virtual_batches(self, max_physical_batch_size: int) -> contextlib.AbstractContextManager[Iterator]:
         """Split each Poisson (logical) batch into micro-batches of at most ``max_physical_batch_size``;
-        gradients accumulate and the optimizer takes ONE noisy step per logical batch.
+        gradients accumulate and the optimizer takes ONE noisy step per logical batch (``sampling.virtual_batches``).
 
             with engine.virtual_batches(256) as batches:
                 for x, y in batches:
                     optimizer.zero_grad(); criterion(model(x), y).backward(); optimizer.step()
         """
         self._require_attached()
-        if max_physical_batch_size < 1:
-            raise ValueError(f"max_physical_batch_size must be >= 1, got {max_physical_batch_size}")
-        optimizer = self.optimizer
+        return virtual_batches(self.data_loader, self.optimizer, max_physical_batch_size)
 
-        def micro_batches():
-            for batch in self.data_loader:
-                size = len(batch[0])
-                chunks = max(1, -(-size // max_physical_batch_size))
-                for index in range(chunks):
-                    optimizer.skip_next_step = index < chunks - 1
-                    start = index * max_physical_batch_size
-                    yield [t[start:start + max_physical_batch_size] for t in batch]
-                    optimizer.skip_next_step = False  # a zero_grad after the step must clear
-            optimizer.skip_next_step = False
-
-        try:
-            yield micro_batches()
-        finally:
-            optimizer.skip_next_step = False
-
-    # ----------------------------------------------------------------------------------------------
+    # ------------------------------------------------------------------------------------ checkpoints, resume
     def state_dict(self) -> dict:
+        """Everything a resumed run needs, as plain data: model, optimizer, accountant history, generator states,
+        seed, and the (sigma, q, strategy) the checkpoint was trained with."""
         mechanism = self._require_attached()
         return {
             "model": self.model.state_dict(),
@@ -323,46 +280,33 @@ class LipDPEngine:
         }
 
     def save_checkpoint(self, path: str | os.PathLike, **extra) -> Path:
-        """Write model, optimizer, accountant history and generator states atomically (temp file, fsync,
-        rename, fsync of the folder): the file at ``path`` is always a whole checkpoint, old or new.
-        ``extra`` (e.g. epoch=3) is stored alongside and returned by ``load_checkpoint``. Multi-process:
-        call it on every rank; rank 0 writes, the others wait for it."""
+        """Write model, optimizer, accountant history and generator states atomically (``lipdp.checkpoint``):
+        the file at ``path`` is always a whole checkpoint, old or new. ``extra`` (plain values, e.g. epoch=3) is
+        stored alongside and returned by ``load_checkpoint``. An attached journal is then compacted to the steps
+        after this checkpoint. Multi-process: call it on every rank; rank 0 writes, the others wait for it."""
         path = Path(path)
         if not distributed.is_main_process():
             distributed.barrier()
             return path
-        path.parent.mkdir(parents=True, exist_ok=True)
         state = self.state_dict()
-        state["extra"] = extra
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as file:
-                torch.save(state, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-            folder = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(folder)  # make the rename itself durable
-            finally:
-                os.close(folder)
-        except BaseException:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
-            raise
+        save_state(path, {**state, "extra": extra})
+        if self.journal is not None:
+            self.journal.compact(self.accountant.total_steps)
         distributed.barrier()
         return path
 
     def load_checkpoint(self, path: str | os.PathLike) -> dict:
-        """Restore a checkpoint into this (already ``make_private``-d) engine; returns the saved ``extra``."""
+        """Restore a checkpoint into this (already ``make_private``-d) engine; returns the saved ``extra``.
+        The file is read with torch's restricted unpickler (a tampered file raises ``CheckpointError``, no code
+        runs) and checked against this engine before any state is replaced."""
         mechanism = self._require_attached()
-        state = torch.load(path, weights_only=False)
+        state = load_state(path)
         if (state["noise_multiplier"], state["sample_rate"]) != (mechanism.config.noise_multiplier,
                                                                    mechanism.config.sample_rate):
             raise ValueError(
                 f"checkpoint was trained with noise_multiplier={state['noise_multiplier']}, sample_rate="
                 f"{state['sample_rate']}; this engine has {mechanism.config.noise_multiplier}, "
-                f"{mechanism.config.sample_rate}. Make the engine private with the same settings to resume."
+                f"{mechanism.config.sample_rate}. Fix: make the engine private with the same settings to resume."
             )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -375,7 +319,6 @@ class LipDPEngine:
             self._count_journaled_steps()
         return state.get("extra", {})
 
-    # ----------------------------------------------------------------------------------------------
     def attach_journal(self, path: str | os.PathLike, fsync: bool = True) -> int:
         """Record every future step in the write-ahead journal at ``path`` (``lipdp.journal``), and count the
         steps it holds beyond this engine's accountant. Returns the number of steps so counted.
@@ -400,31 +343,12 @@ class LipDPEngine:
         return self._count_journaled_steps()
 
     def _count_journaled_steps(self) -> int:
-        """Add the journaled steps the accountant has not counted; if any, draw fresh randomness."""
-        journal = self.journal
-        counted = self.accountant.total_steps
-        if journal.entries and journal.last_step < counted:
-            raise ValueError(
-                f"journal {journal.path} ends at step {journal.last_step} but the accountant has {counted} steps: "
-                "it is not this run's journal. Fix: attach the journal written next to this checkpoint."
-            )
-        missing = journal.entries_after(counted)
-        for entry in missing:
-            self.accountant.step(noise_multiplier=entry.noise_multiplier, sample_rate=entry.sample_rate)
+        """Add the journaled steps the accountant has not counted; if any, draw fresh randomness (re-seed sampling
+        and noise, so no batch or noise draw of a lost step is re-used)."""
+        missing = count_journaled_steps(self.journal, self.accountant)
         if missing:
-            logger.warning("counted %d step(s) taken after the checkpoint (journal %s); now %d steps in total",
-                           len(missing), journal.path, self.accountant.total_steps)
-            self._fresh_randomness()
+            self.seed = distributed.broadcast_seed(
+                fresh_seed(self.seed, self.accountant.total_steps, self.secure_mode))
+            self.sampling_generator.manual_seed(self.seed + SAMPLING_SEED)
+            self.noise_generator.manual_seed(self.seed + NOISE_SEED)
         return len(missing)
-
-    def _fresh_randomness(self) -> None:
-        """Re-seed sampling and noise so no batch or noise draw of a lost (already counted) step is re-used:
-        from ``os.urandom`` in secure mode, else derived from (seed, steps counted) to stay reproducible."""
-        if self.secure_mode:
-            seed = _seed_from_os()
-        else:
-            digest = hashlib.sha256(f"{self.seed}:{self.accountant.total_steps}".encode()).digest()
-            seed = int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-        self.seed = distributed.broadcast_seed(seed)
-        self.sampling_generator.manual_seed(self.seed)
-        self.noise_generator.manual_seed(self.seed + 1)

@@ -6,7 +6,7 @@ printed or logged since depends on them), so they must be **counted**. They are 
 them from the checkpoint with the same generator states would draw the same noise on a possibly different
 gradient (floating-point non-determinism), and re-using noise or a Poisson sample is not covered by the
 accounting. Resuming therefore (1) adds every journaled step beyond the checkpoint to the accountant and
-(2) re-seeds the sampling and noise generators (``LipDPEngine._fresh_randomness``), so the resumed run's
+(2) re-seeds the sampling and noise generators (``fresh_seed``), so the resumed run's
 randomness is independent of the lost steps'.
 
 Format: one text line per noisy step, ``"<n> <sigma> <q>\\n"``, n = the accountant's total number of steps
@@ -16,18 +16,25 @@ noise and touches any gradient (write-ahead): a step on disk may not have been r
 two over-counts by one step, which is conservative), but no released step is ever missing. One ``write``
 of a complete line is never torn by a killed process; a torn last line (power loss) belongs to a step that
 was not released yet, and is dropped and truncated when the journal is reopened.
+
+Each checkpoint compacts the journal (``StepJournal.compact``): the steps the checkpoint holds are dropped from it, so
+the journal only ever holds the steps since the last checkpoint (it is rewritten atomically, ``lipdp.atomic``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from accounting import PrivacyAccountant
+from lipdp.atomic import atomic_write
+from lipdp.sampling import random_seed
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["JournalEntry", "StepJournal", "journal_path"]
+__all__ = ["JournalEntry", "StepJournal", "count_journaled_steps", "fresh_seed", "journal_path"]
 
 
 def journal_path(checkpoint: str | os.PathLike) -> Path:
@@ -38,6 +45,8 @@ def journal_path(checkpoint: str | os.PathLike) -> Path:
 
 @dataclass(frozen=True)
 class JournalEntry:
+    """One journaled noisy step: the accountant's step count once it is counted, its sigma and its q."""
+
     step: int
     noise_multiplier: float
     sample_rate: float
@@ -110,7 +119,48 @@ class StepJournal:
             os.fsync(self._fd)
         self.entries.append(JournalEntry(step, noise_multiplier, sample_rate))
 
+    def compact(self, through_step: int) -> None:
+        """Drop the entries up to ``through_step`` (a checkpoint now holds them), rewriting the file atomically."""
+        kept = [entry for entry in self.entries if entry.step > through_step]
+        if len(kept) == len(self.entries):
+            return
+        text = "".join(f"{e.step} {e.noise_multiplier!r} {e.sample_rate!r}\n" for e in kept).encode("ascii")
+        writable = self._fd is not None
+        self.close()
+        atomic_write(self.path, lambda file: file.write(text))
+        self.entries = kept
+        if writable:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
     def close(self) -> None:
+        """Close the file (appending is impossible afterwards)."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def count_journaled_steps(journal: StepJournal, accountant: PrivacyAccountant) -> list[JournalEntry]:
+    """Add to ``accountant`` every journaled step it has not counted (taken after its checkpoint); returns them.
+    A journal that ends before the accountant's count belongs to another run and is refused."""
+    counted = accountant.total_steps
+    if journal.entries and journal.last_step < counted:
+        raise ValueError(
+            f"journal {journal.path} ends at step {journal.last_step} but the accountant has {counted} steps: "
+            "it is not this run's journal. Fix: attach the journal written next to this checkpoint."
+        )
+    missing = journal.entries_after(counted)
+    for entry in missing:
+        accountant.step(noise_multiplier=entry.noise_multiplier, sample_rate=entry.sample_rate)
+    if missing:
+        logger.warning("counted %d step(s) taken after the checkpoint (journal %s); now %d steps in total",
+                       len(missing), journal.path, accountant.total_steps)
+    return missing
+
+
+def fresh_seed(seed: int, steps: int, secure: bool) -> int:
+    """The seed of the randomness after counted-but-lost steps, so no batch or noise draw of theirs is re-used:
+    from ``os.urandom`` in secure mode, else derived from (seed, steps counted) to stay reproducible."""
+    if secure:
+        return random_seed()
+    digest = hashlib.sha256(f"{seed}:{steps}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)

@@ -7,11 +7,18 @@ checkpointed.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 from torch.utils.data._utils.collate import default_collate
+
+
+def random_seed() -> int:
+    """A 63-bit seed from the operating system's entropy (``os.urandom``): the engine's secure mode."""
+    return int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
 
 
 class PoissonBatchSampler(torch.utils.data.Sampler[list[int]]):
@@ -127,4 +134,30 @@ class PoissonDataLoader(DataLoader):
 
     @property
     def steps_per_epoch(self) -> int:
+        """Batches per epoch, round(N / expected batch size)."""
         return len(self.batch_sampler)
+
+
+@contextlib.contextmanager
+def virtual_batches(loader: PoissonDataLoader, optimizer, max_physical_batch_size: int) -> Iterator[Iterator]:
+    """Split each Poisson (logical) batch of ``loader`` into micro-batches of at most ``max_physical_batch_size``;
+    gradients accumulate and ``optimizer`` (a ``DPOptimizer``) takes ONE noisy step per logical batch: its
+    ``skip_next_step`` is set for every micro-batch but the last."""
+    if not (isinstance(max_physical_batch_size, int) and max_physical_batch_size >= 1):
+        raise ValueError(f"max_physical_batch_size must be an integer >= 1, got {max_physical_batch_size!r}")
+
+    def micro_batches():
+        for batch in loader:
+            size = len(batch[0])
+            chunks = max(1, -(-size // max_physical_batch_size))
+            for index in range(chunks):
+                optimizer.skip_next_step = index < chunks - 1
+                start = index * max_physical_batch_size
+                yield [t[start:start + max_physical_batch_size] for t in batch]
+                optimizer.skip_next_step = False  # a zero_grad after the step must clear
+        optimizer.skip_next_step = False
+
+    try:
+        yield micro_batches()
+    finally:
+        optimizer.skip_next_step = False

@@ -27,11 +27,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 
+from accounting import PrivacyAccountant
 from accounting.validation import check_noise_multiplier, check_positive
+from lipdp import distributed
 from lipdp.layers import InputNormClip
+
+T = TypeVar("T")
 
 _CHUNK_ROWS = 4096
 
@@ -138,3 +143,28 @@ def centre_and_rescale(features: torch.Tensor, mean: torch.Tensor) -> torch.Tens
     recipe, README). In place on whole data sets (one copy of the features, not two); out of place when differentiated."""
     centred = features.flatten(1) - mean.flatten()
     return rescale_rows(centred).reshape(features.shape)
+
+
+class StatisticsReleases:
+    """Full-data Gaussian releases before training (``private_mean``, ``private_channel_moments``), each drawn from
+    ``generator`` and recorded in ``accountant`` as one step at sample rate 1 (``LipDPEngine`` delegates here).
+
+    Multi-process: the first release broadcasts rank 0's seed (``seed_generator(seed)`` re-seeds ``generator``), so
+    every rank draws the same noise; later releases continue the stream (fresh noise, never a repeated draw).
+    """
+
+    def __init__(self, accountant: PrivacyAccountant, generator: torch.Generator) -> None:
+        self.accountant, self.generator = accountant, generator
+        self._synchronised = False
+
+    def release(self, noise_multiplier: float, mechanism: Callable[[torch.Generator], T],
+                seed: int, seed_offset: int) -> tuple[T, int]:
+        """Run ``mechanism(generator)`` and account it (one step, q = 1). Returns (released value, the seed in use:
+        rank 0's after the first multi-process release)."""
+        if distributed.is_distributed() and not self._synchronised:
+            seed = distributed.broadcast_seed(seed)
+            self.generator.manual_seed(seed + seed_offset)
+            self._synchronised = True
+        released = mechanism(self.generator)
+        self.accountant.step(noise_multiplier=noise_multiplier, sample_rate=1.0)
+        return released, seed
