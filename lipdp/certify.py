@@ -11,7 +11,9 @@ import math
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
+
+from lipdp.evaluation import predict
 
 
 def certified_radius(logits: torch.Tensor, lipschitz: float) -> torch.Tensor:
@@ -20,20 +22,14 @@ def certified_radius(logits: torch.Tensor, lipschitz: float) -> torch.Tensor:
     return (top2[:, 0] - top2[:, 1]) / (math.sqrt(2) * lipschitz)
 
 
-@torch.no_grad()
 def certified_accuracy(model: nn.Module, dataset: TensorDataset, radius: float, lipschitz: float,
                        batch_size: int = 2048) -> float:
     """Fraction of samples correctly classified with a certified radius > ``radius`` (r=0: accuracy)."""
     if radius < 0:
         raise ValueError(f"radius must be >= 0, got {radius}")
-    was_training = model.training
-    model.eval()
-    hits = 0
-    for x, y in DataLoader(dataset, batch_size=batch_size):
-        logits = model(x)
-        correct = logits.argmax(dim=1) == y
-        if radius > 0:
-            correct &= certified_radius(logits, lipschitz) > radius
-        hits += correct.sum().item()
-    model.train(was_training)
-    return hits / len(dataset)
+    inputs, labels = dataset.tensors[:2]
+    logits = predict(model, inputs, batch_size)
+    correct = logits.argmax(dim=1) == labels
+    if radius > 0:
+        correct &= certified_radius(logits, lipschitz) > radius
+    return correct.float().mean().item()

@@ -13,7 +13,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from lipdp import distributed
+from lipdp.averaging import WeightAverage
 from lipdp.engine import LipDPEngine
+from lipdp.evaluation import accuracy
 from lipdp.losses import LipschitzCrossEntropy
 
 logger = logging.getLogger(__name__)
@@ -49,50 +51,6 @@ class TrainResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-class WeightAverage:
-    """Exponential moving average of the parameters after each private step (post-processing: free).
-
-    ``with average.applied():`` swaps the averaged weights into the model (e.g. to evaluate), then restores.
-    """
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        if not 0 < decay < 1:
-            raise ValueError(f"weight averaging decay must be in (0, 1), got {decay}")
-        self.model, self.decay = model, decay
-        self.average = {name: p.detach().clone() for name, p in model.named_parameters()}
-
-    @torch.no_grad()
-    def update(self) -> None:
-        for name, parameter in self.model.named_parameters():
-            self.average[name].lerp_(parameter.detach(), 1 - self.decay)
-
-    @contextlib.contextmanager
-    def applied(self):
-        current = {name: p.detach().clone() for name, p in self.model.named_parameters()}
-        self.copy_into_model(self.average)
-        try:
-            yield self.model
-        finally:
-            self.copy_into_model(current)
-
-    @torch.no_grad()
-    def copy_into_model(self, values: dict) -> None:
-        for name, parameter in self.model.named_parameters():
-            parameter.copy_(values[name])
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, dataset: TensorDataset, batch_size: int = 2048) -> float:
-    """Top-1 accuracy of ``model`` on ``dataset`` (eval mode)."""
-    was_training = model.training
-    model.eval()
-    correct = 0
-    for x, y in DataLoader(dataset, batch_size=batch_size):
-        correct += (model(x).argmax(dim=1) == y).sum().item()
-    model.train(was_training)
-    return correct / len(dataset)
 
 
 OPTIMIZERS = ("adam", "sgd")
@@ -168,7 +126,7 @@ def train_private(
         if progress:
             tqdm.write(f"epoch {epoch}: {entry['steps']} steps, held-out accuracy = {entry['test_accuracy']:.4f}")
     if averaged is not None:  # the released model is the average (post-processing of released iterates)
-        averaged.copy_into_model(averaged.average)
+        averaged.copy_into()
     result = TrainResult(
         test_accuracy=epoch_log[-1]["test_accuracy"], epsilon=engine.get_epsilon(config.delta), delta=config.delta,
         noise_multiplier=engine.noise_multiplier, steps=engine.accountant.total_steps,

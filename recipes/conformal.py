@@ -58,6 +58,7 @@ from lipdp.conformal import (
     true_label_scores,
 )
 from lipdp.datasets import load_dataset, train_validation_split
+from lipdp.evaluation import predict
 from lipdp.models import orthogonal_cnn
 from lipdp.training import TrainConfig, train_private
 
@@ -81,11 +82,6 @@ def _subset(dataset: TensorDataset, size: int | None, seed: int) -> TensorDatase
         return TensorDataset(x, y)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:size]
     return TensorDataset(x[order], y[order])
-
-
-@torch.no_grad()
-def _logits(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
 def _attack(model: nn.Module, statistic: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
@@ -127,7 +123,7 @@ def run(dataset: str = "fashion-mnist", alpha: float = 0.1, radius: float = 0.25
     conformity = make_score(score, temperature if score_temperature is None else score_temperature, score_bias)
     x_cal, y_cal = calibration.tensors
     x_test, y_test = test.tensors
-    cal_scores = true_label_scores(conformity(_logits(model, x_cal, 1000)), y_cal)
+    cal_scores = true_label_scores(conformity(predict(model, x_cal, 1000)), y_cal)
     thresholds = {"non-private": conformal_quantile(cal_scores, alpha)}
     release = private_conformal_quantile(cal_scores, alpha, calibration_epsilon, grid=default_grid(grid_size),
                                          generator=np.random.default_rng(seed))
@@ -137,12 +133,12 @@ def run(dataset: str = "fashion-mnist", alpha: float = 0.1, radius: float = 0.25
         "vanilla": conformity,
         "robust": lambda logits: conformity.bounds(logits, rho).lower,
     }
-    clean_logits = _logits(model, x_test, 1000)
+    clean_logits = predict(model, x_test, 1000)
     rows, sets = [], {}
     for kind, statistic in statistics.items():
         attacked = _attack(model, statistic, x_test, y_test, radius, attack_steps, 500, seed, progress, kind)
         with torch.no_grad():
-            clean_stat, attacked_stat = statistic(clean_logits), statistic(_logits(model, attacked, 1000))
+            clean_stat, attacked_stat = statistic(clean_logits), statistic(predict(model, attacked, 1000))
         for calibration_kind, threshold in thresholds.items():
             clean_sets = prediction_sets(clean_stat, threshold)
             attacked_sets = prediction_sets(attacked_stat, threshold)

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from orthogonium.layers import AdaptiveOrthoConv2d, MaxMin, OrthoLinear
 
+from lipdp.averaging import WeightAverage
 from lipdp.bounds import lipschitz_constant
 from lipdp.cli.errors import ArgumentParser, UserError, run_main
 from lipdp.cli.output import write_json
@@ -54,7 +55,6 @@ from lipdp.one_class import (
     BoxPrior,
     NegativeSampler,
     OneClassHKR,
-    ParameterEMA,
     attacked_auroc,
     auroc,
     certified_auroc,
@@ -302,7 +302,7 @@ def train_detector(task: Task, args: argparse.Namespace, seed: int, epsilon: flo
     """Train one OCSDF detector; returns a plain (hook-free) model to evaluate and the privacy record."""
     torch.manual_seed(seed)
     model = build_model(task, args)
-    ema = ParameterEMA(model, args.ema_decay) if args.ema_decay is not None else None
+    ema = WeightAverage(model, args.ema_decay) if args.ema_decay is not None else None
     criterion = OneClassHKR(args.margin, args.lam, reduction="sum")
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     dataset = TensorDataset(task.train, torch.zeros(len(task.train), dtype=torch.long))
@@ -332,11 +332,9 @@ def train_detector(task: Task, args: argparse.Namespace, seed: int, epsilon: flo
         record.update(epsilon=engine.get_epsilon(args.delta), delta=args.delta,
                       noise_multiplier=engine.noise_multiplier, sample_rate=loader.sample_rate,
                       steps=engine.accountant.total_steps)
-    if ema is not None:
-        return ema.model, record
     plain = build_model(task, args)  # the engine's hooks stay on `model`: evaluate a clean copy
     plain.load_state_dict(model.state_dict())
-    return plain, record
+    return (ema.copy_into(plain) if ema is not None else plain), record
 
 
 # ------------------------------------------------------------------------------------------- evaluation

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from accounting import PrivacyAccountant, calibrate_noise
+from lipdp.evaluation import accuracy
 
 logger = logging.getLogger(__name__)
 
@@ -118,17 +119,6 @@ def make_private(
         return private
     model, optimizer, loader = private
     return model, optimizer, criterion, loader
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, dataset: TensorDataset, batch_size: int = 4096) -> float:
-    """Top-1 accuracy of ``model`` on ``dataset`` (evaluation mode, restored to training mode after)."""
-    model.eval()
-    x, y = dataset.tensors
-    correct = sum((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum().item()
-                  for i in range(0, len(x), batch_size))
-    model.train()
-    return correct / len(x)
 
 
 def train_opacus(model: nn.Module, train_set: TensorDataset, test_set: TensorDataset, config: OpacusConfig,

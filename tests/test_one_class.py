@@ -15,12 +15,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lipdp.bounds import analyze, lipschitz_constant
 from lipdp.models import orthogonal_mlp
+from lipdp.averaging import WeightAverage
 from lipdp.one_class import (
     BallPrior,
     BoxPrior,
     NegativeSampler,
     OneClassHKR,
-    ParameterEMA,
     attack_scores,
     attacked_auroc,
     auroc,
@@ -277,15 +277,21 @@ def test_step_loss_weights_negatives_as_a_mean_whatever_the_divisor():
         ocsdf_step_loss(model, x, z, OneClassHKR(reduction="mean"), expected_batch_size=16)
 
 
-def test_ema_averages_parameters():
+def test_weight_average_averages_parameters_and_copies_into_a_clean_module():
     model = nn.Linear(3, 1)
-    ema = ParameterEMA(model, decay=0.5)
+    ema = WeightAverage(model, decay=0.5)
     with torch.no_grad():
         model.weight.add_(2.0)
-    ema.update(model)
-    assert torch.allclose(ema.model.weight, model.weight - 1.0)
+    ema.update()
+    assert torch.allclose(ema.average["weight"], model.weight - 1.0)
+    current = model.weight.detach().clone()
+    with ema.applied() as averaged:
+        assert torch.allclose(averaged.weight, current - 1.0)
+    assert torch.equal(model.weight, current)  # restored
+    clean = ema.copy_into(nn.Linear(3, 1))
+    assert torch.allclose(clean.weight, current - 1.0) and torch.equal(model.weight, current)
     with pytest.raises(ValueError, match="decay"):
-        ParameterEMA(model, decay=1.0)
+        WeightAverage(model, decay=1.0)
 
 
 def test_private_training_with_the_engine():

@@ -9,9 +9,9 @@
 from lipdp.one_class.generator import BallPrior, BoxPrior, NegativeSampler, Prior
 from lipdp.one_class.loss import OneClassHKR
 from lipdp.one_class.metrics import attack_scores, attacked_auroc, auroc, certified_auroc, scores
-from lipdp.one_class.training import ParameterEMA, ocsdf_step_loss, train_ocsdf
+from lipdp.one_class.training import ocsdf_step_loss, train_ocsdf
 
 __all__ = [
-    "BallPrior", "BoxPrior", "NegativeSampler", "OneClassHKR", "ParameterEMA", "Prior", "attack_scores",
+    "BallPrior", "BoxPrior", "NegativeSampler", "OneClassHKR", "Prior", "attack_scores",
     "attacked_auroc", "auroc", "certified_auroc", "ocsdf_step_loss", "scores", "train_ocsdf",
 ]

@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lipdp.attacks import l2_pgd
+from lipdp.evaluation import predict
 
 __all__ = ["attack_scores", "attacked_auroc", "auroc", "certified_auroc", "scores"]
 
@@ -67,13 +68,11 @@ def certified_auroc(
     return auroc(_as_scores(normal_scores, "normal_scores") - shift, _as_scores(anomaly_scores, "anomaly_scores") + shift)
 
 
-@torch.no_grad()
 def scores(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """Model scores f(x), shape (N,), computed in batches without gradients."""
+    """Model scores f(x), shape (N,), computed in batches without gradients (``lipdp.evaluation.predict``)."""
     if len(x) == 0:
         raise ValueError("x is empty")
-    with parametrize.cached():
-        return torch.cat([model(x[i : i + batch_size]).reshape(-1) for i in range(0, len(x), batch_size)])
+    return predict(model, x, batch_size).reshape(-1)
 
 
 def attack_scores(

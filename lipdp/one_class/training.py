@@ -25,7 +25,6 @@ averaged model is as Lipschitz as any iterate (its certified constant is recompu
 
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Iterable
 
@@ -34,32 +33,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
+from lipdp.averaging import WeightAverage
 from lipdp.one_class.generator import NegativeSampler
 from lipdp.one_class.loss import OneClassHKR
 
-__all__ = ["ParameterEMA", "ocsdf_step_loss", "train_ocsdf"]
+__all__ = ["ocsdf_step_loss", "train_ocsdf"]
 
 log = logging.getLogger(__name__)
-
-
-class ParameterEMA:
-    """Exponential moving average of a model's parameters: avg <- d * avg + (1 - d) * theta after each step.
-
-    Build it from the plain model *before* ``LipDPEngine.make_private`` attaches its hooks: the average is a
-    deep copy, and it must stay an ordinary module (no input guard, no output-gradient hook).
-    """
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be in [0, 1), got {decay}")
-        self.decay = float(decay)
-        self.model = copy.deepcopy(model)
-        self.model.requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        for average, current in zip(self.model.parameters(), model.parameters(), strict=True):
-            average.lerp_(current.detach(), 1.0 - self.decay)
 
 
 def ocsdf_step_loss(
@@ -94,7 +74,7 @@ def train_ocsdf(
     negatives_per_step: int | None = None,
     warm_start_steps: int = 0,
     gradient_divisor: float = 1.0,
-    ema: ParameterEMA | None = None,
+    ema: WeightAverage | None = None,
     generator: torch.Generator | None = None,
     progress: bool = True,
 ) -> None:
@@ -123,7 +103,7 @@ def train_ocsdf(
                 loss.backward()
             optimizer.step()
             if ema is not None:
-                ema.update(model)
+                ema.update()
             total += loss.item() / gradient_divisor
             batches += 1
             step += 1
