@@ -1,4 +1,4 @@
-"""Privacy accounting for lipdp (torch-free at import; see DESIGN.md §4).
+"""Privacy accounting for lipdp (torch-free at import; see docs/design.md §4).
 
 - :class:`PrivacyAccountant`: history of (σ, q, steps) Poisson-subsampled Gaussian steps and its ε/δ
   with backend "prv" (prv-accountant, Opacus's PRV as fallback), "rdp" (Opacus) or "pld"

@@ -52,7 +52,7 @@ def _entry(noise_multiplier: Any, sample_rate: Any, steps: Any) -> HistoryEntry:
 
 
 class PrivacyAccountant:
-    """Accounts DP-SGD-style training: T Poisson-subsampled Gaussian mechanisms (DESIGN.md §1, §4).
+    """Accounts DP-SGD-style training: T Poisson-subsampled Gaussian mechanisms (docs/design.md §1, §4).
 
     ``backend`` is "prv" (default; prv-accountant with Opacus's PRV as fallback), "rdp" (Opacus)
     or "pld" (dp_accounting, optional), or a backend object; ``options`` are the backend's

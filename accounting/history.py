@@ -1,7 +1,7 @@
 """What happened: the history of noisy steps, as plain data.
 
 A training run releases, at every optimizer step, one Poisson-subsampled Gaussian mechanism with
-noise multiplier σ and sample rate q (DESIGN.md §1). The history records these as
+noise multiplier σ and sample rate q (docs/design.md §1). The history records these as
 ``(σ, q, steps)`` entries in chronological order, consecutive identical mechanisms merged into one
 entry, so that a run of 10⁵ identical steps is a single entry.
 

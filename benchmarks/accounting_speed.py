@@ -1,6 +1,6 @@
 """Speed of the accounting package: ε after T = 10⁵ steps, noise calibration, and the step budget.
 
-Case: σ = 1.1, q = 256/60000, δ = 1e-5 (DESIGN.md §4). The 10⁵-step history is built by 10⁵ single
+Case: σ = 1.1, q = 256/60000, δ = 1e-5 (docs/design.md §4). The 10⁵-step history is built by 10⁵ single
 ``step()`` calls (merged into one entry). Library imports are warmed up first, so the times are
 the accounting itself; each is reported as wall and CPU seconds of this process (compare CPU on a
 shared machine). Writes ``benchmarks/out/accounting_speed.json`` and prints a table.

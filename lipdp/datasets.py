@@ -1,4 +1,4 @@
-"""Offline data sets (DESIGN.md §5): nothing is downloaded at run time.
+"""Offline data sets (docs/design.md §5): nothing is downloaded at run time.
 
 ``load_dataset(name, root=None, seed=0)`` returns a :class:`DatasetSplits` of ``TensorDataset`` s with float32
 inputs and int64 labels: images as (N, C, H, W) in [0, 1], tabular data as (N, F).
@@ -9,7 +9,7 @@ set raises :class:`DatasetNotFoundError`, whose message says how to install it.
 
 Privacy rule: preprocessing never uses statistics computed across the private training samples (mean/std,
 min/max, the set of categories seen, ...). Only fixed public constants and per-sample transforms are used; both
-are free in privacy (DESIGN.md §2). Each loader's docstring lists its constants.
+are free in privacy (docs/design.md §2). Each loader's docstring lists its constants.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Multi-process private training over ``torch.distributed`` (DESIGN.md §3): one mechanism, however many ranks.
+"""Multi-process private training over ``torch.distributed`` (docs/design.md §3): one mechanism, however many ranks.
 
 Launch with ``torchrun --nproc_per_node K ...``; :func:`init_from_env` joins the process group (gloo on CPU,
 nccl on GPU). Every rank builds the same model, optimizer and *full* dataset, and calls ``make_private`` with

@@ -1,4 +1,4 @@
-"""Write-ahead step journal: the accountant never forgets a step, even after a SIGKILL (DESIGN.md §3).
+"""Write-ahead step journal: the accountant never forgets a step, even after a SIGKILL (docs/design.md §3).
 
 A checkpoint holds the accountant's history up to the step it was saved at; a crash loses the steps taken
 after it. Those steps were released (their noisy gradients updated the in-memory model, and anything

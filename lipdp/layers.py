@@ -42,7 +42,7 @@ class InputNormClip(NonExpansive):
     * ``mode="clip"``: x * min(1, bound / ||x||), the projection onto the ball (1-Lipschitz).
     * ``mode="scale"``: x * bound / ||x|| (every non-zero sample on the sphere). Not Lipschitz near 0, so it
       must come before every trainable layer (its Lipschitz constant is reported as infinite).
-    A per-sample map: it costs no privacy (DESIGN.md §2).
+    A per-sample map: it costs no privacy (docs/design.md §2).
     """
 
     def __init__(self, bound: float, mode: Literal["clip", "scale"] = "clip") -> None:

@@ -1,6 +1,6 @@
 """Losses that are Lipschitz in the logits, with their constants derived, and the lookup the engine uses.
 
-The engine needs L = sup over (z, y) of ||d loss(z, y) / dz||_2 for ONE sample (DESIGN.md §2). Every loss here
+The engine needs L = sup over (z, y) of ||d loss(z, y) / dz||_2 for ONE sample (docs/design.md §2). Every loss here
 computes per-sample values and reduces them with ``reduction`` ("mean" over the batch, or "sum").
 """
 

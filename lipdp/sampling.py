@@ -1,4 +1,4 @@
-"""Poisson sampling (DESIGN.md §1): each record joins each batch independently with rate q = B / N.
+"""Poisson sampling (docs/design.md §1): each record joins each batch independently with rate q = B / N.
 
 The batch size varies (and may be 0); the accountant's privacy amplification assumes exactly this sampling.
 The generator belongs to the engine, so the sequence of batches is reproducible from its state and can be

@@ -1,6 +1,6 @@
 """A fixed, per-sample front end: the 2-D wavelet scattering transform (Mallat 2012; Bruna & Mallat 2013).
 
-Features of one image depend on that image alone, so computing them costs no privacy (DESIGN.md §2): only the
+Features of one image depend on that image alone, so computing them costs no privacy (docs/design.md §2): only the
 trainable head needs sensitivity bounds. Scattering with J=2, L=8 on 28x28 images gives 81 channels of 7x7
 (1 zeroth-order, J*L = 16 first-order, L^2 J(J-1)/2 = 64 second-order coefficients per position); with
 a linear head on top it is the strongest DP-SGD baseline on Fashion-MNIST (Tramèr & Boneh 2021,

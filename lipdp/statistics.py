@@ -1,7 +1,7 @@
 """Private statistics of a training set, released once before training: the feature mean used to centre inputs,
 and channel second moments used to whiten them.
 
-**Mean.** The mean is released by the Gaussian mechanism (Dwork & Roth 2014, Thm. A.1; DESIGN.md §1). Each row is first
+**Mean.** The mean is released by the Gaussian mechanism (Dwork & Roth 2014, Thm. A.1; docs/design.md §1). Each row is first
 clipped to norm X0; the query q(D) = (sum_i clip(x_i), |D|) then changes by at most sqrt(X0^2 + 1) in L2 norm
 when one record is added or removed, so
 

@@ -3,7 +3,7 @@
     python -m recipes.classify --dataset fashion-mnist --epsilons 1 3 8
     python -m recipes.classify --dataset digits --front-end pixels --head cnn --epsilons 3 --epochs 30
 
-Front ends (``recipes.front_end``; per sample, free in privacy, DESIGN.md §2): '+'-joined parts among
+Front ends (``recipes.front_end``; per sample, free in privacy, docs/design.md §2): '+'-joined parts among
 ``scattering`` (2-D wavelet scattering, J = 2, computed once and cached, then per-sample group standardisation),
 ``fine-scattering`` (the same at J = 1) and ``pixels``, each of norm 1 per sample, side by side; the default uses
 all three. The features are then centred on the training features' mean and their scattering channels whitened by

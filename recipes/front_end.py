@@ -1,6 +1,6 @@
 """The classification recipe's fixed front end, and the private statistics that centre and whiten its features.
 
-**Front end** (per sample, hence free in privacy, DESIGN.md §2): a ``+``-joined list of parts, each of norm 1 per
+**Front end** (per sample, hence free in privacy, docs/design.md §2): a ``+``-joined list of parts, each of norm 1 per
 sample, concatenated as ``[w_1 f_1, ..., w_k f_k] / sqrt(sum_j w_j^2)`` (so each row has norm 1):
 
 * ``scattering``: the J = 2 wavelet scattering transform (81 channels at (H/4) x (W/4) positions), standardised per

@@ -14,7 +14,7 @@ recipe and an IsolationForest, both for reference.
 Evaluation data (``--split``): ``validation`` holds out ``--validation-fraction`` of the training split (tune
 here); ``test`` trains on the whole training split and evaluates on the test split (report here only).
 
-Preprocessing (``--preprocess``, all per-sample maps with fixed constants, free in privacy, DESIGN.md §2):
+Preprocessing (``--preprocess``, all per-sample maps with fixed constants, free in privacy, docs/design.md §2):
   * ``scale``:  x -> s x, then clipped to norm X (images: pixels / 255 from the loader); raw radius = r / s.
   * ``sphere``: x -> X x / ||x||; every sample on the sphere of radius X (no global raw-unit radius).
   * ``lift``:   x -> X [x, c] / ||[x, c]||, one extra coordinate c: every sample on the sphere of radius X

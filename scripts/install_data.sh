@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the offline data sets that lipdp/datasets.py reads (DESIGN.md §5); every step may fail, the script never does.
+# Installs the offline data sets that lipdp/datasets.py reads (docs/design.md §5); every step may fail, the script never does.
 # Usage: scripts/install_data.sh PYTHON
 PY=${1:-python3}
 if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then

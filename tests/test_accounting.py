@@ -1,6 +1,6 @@
 """Tests of the torch-free ``accounting`` package against the real libraries (no mocks).
 
-Reference case (DESIGN.md §4): q = 256/60000, σ = 1.1, T = 3516, δ = 1e-5 → PRV/PLD ε ≈ 1.134
+Reference case (docs/design.md §4): q = 256/60000, σ = 1.1, T = 3516, δ = 1e-5 → PRV/PLD ε ≈ 1.134
 (PRV upper ≈ 1.144), RDP ε ≈ 1.281.
 """
 

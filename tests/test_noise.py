@@ -1,4 +1,4 @@
-"""Noise allocation: every strategy is one Gaussian mechanism with sigma_eff = sigma (DESIGN.md §1)."""
+"""Noise allocation: every strategy is one Gaussian mechanism with sigma_eff = sigma (docs/design.md §1)."""
 
 from __future__ import annotations
 

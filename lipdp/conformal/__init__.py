@@ -1,4 +1,4 @@
-"""Private robust conformal prediction on Lipschitz classifiers (DESIGN.md §6).
+"""Private robust conformal prediction on Lipschitz classifiers (docs/design.md §6).
 
 * ``scores``: non-conformity scores on logits with derived Lipschitz constants and bounds over a logit ball.
 * ``calibration``: split conformal threshold, vanilla and robust (lip-rcp) sets, coverage and set size.

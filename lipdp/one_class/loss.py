@@ -10,7 +10,7 @@ The first (KR) part maximises the mean gap between P and Q (a Wasserstein-1 dual
 normal sample to score >= m and every negative <= -m. Its minimiser over 1-Lipschitz f approximates the signed
 distance to the boundary of P's support (the paper's Proposition 2), which is what makes the scores robust.
 
-Privacy (DESIGN.md §6): only the P term touches private data; the Q term is a function of the model alone (the
+Privacy (docs/design.md §6): only the P term touches private data; the Q term is a function of the model alone (the
 negatives are generated from the current, public, parameters). The engine's sensitivity therefore counts P's
 per-sample term only: ``lipschitz_constant`` is the Lipschitz constant in the score of ONE normal sample's loss.
 """

@@ -5,7 +5,7 @@ optimiser step on
 
     loss = scale * ( (1/B) * sum_{x in batch} l_P(f(x))  +  mean_{z in Q} l_Q(f(z)) ),
 
-with B the *expected* batch size of normal samples (DESIGN.md §1: never the actual one). ``scale`` undoes the
+with B the *expected* batch size of normal samples (docs/design.md §1: never the actual one). ``scale`` undoes the
 optimiser's own normalisation so that both terms keep their weights:
 
 * plain training: ``gradient_divisor=1`` (the optimiser steps on this gradient as is);
