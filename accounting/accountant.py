@@ -85,14 +85,17 @@ class PrivacyAccountant:
 
     @property
     def total_steps(self) -> int:
+        """Steps recorded so far (sum of the history's step counts)."""
         return total_steps(self._history)
 
     @property
     def backend(self) -> Backend:
+        """The backend object that turns the history into epsilon."""
         return self._backend
 
     @property
     def backend_name(self) -> str:
+        """The backend's name: "prv", "rdp" or "pld"."""
         return self._backend.name
 
     # -- how it is accounted ---------------------------------------------------------------------

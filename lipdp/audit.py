@@ -115,6 +115,8 @@ def epsilon_from_scores(scores: np.ndarray, included: np.ndarray, delta: float, 
 
 @dataclass(frozen=True)
 class AuditResult:
+    """One audit: the lower bound on epsilon at ``confidence``, the claim it tests, and how it was obtained."""
+
     epsilon_lower: float
     claimed_epsilon: float
     delta: float
@@ -133,9 +135,11 @@ class AuditResult:
         return self.epsilon_lower > self.claimed_epsilon
 
     def to_dict(self) -> dict:
+        """Every field and the verdict, as JSON-able values."""
         return {**asdict(self), "violation": self.violation}
 
     def to_text(self) -> str:
+        """The audit in a few lines: lower bound, claim, verdict, counts."""
         verdict = ("VIOLATION: the run leaks more than it claims" if self.violation
                    else "consistent with the claim (a lower bound below the claim proves nothing more)")
         scale = "" if self.noise_scale == 1 else f"  [TEST ONLY: engine noise x {self.noise_scale}]"

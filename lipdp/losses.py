@@ -45,6 +45,7 @@ class LipschitzCrossEntropy(nn.Module):
         self.lipschitz_constant = SQRT2
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """CE(tau z, y) / tau per sample, reduced."""
         values = F.cross_entropy(
             self.temperature * logits, target, reduction="none", label_smoothing=self.label_smoothing
         )
@@ -66,6 +67,7 @@ class MulticlassHinge(nn.Module):
         self.lipschitz_constant = SQRT2
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """relu(margin - (z_y - max_{j != y} z_j)) per sample, reduced."""
         true = logits.gather(1, target[:, None]).squeeze(1)
         others = logits.scatter(1, target[:, None], float("-inf")).amax(dim=1)
         return _reduce(F.relu(self.margin - (true - others)), self.reduction)
@@ -95,6 +97,7 @@ class KRLoss(nn.Module):
         self.lipschitz_constant = SQRT2 if num_classes is None else math.sqrt(num_classes / (num_classes - 1))
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The KR term per sample (see the class docstring), reduced."""
         # The constant sqrt(K/(K-1)) decreases in K: logits with fewer classes than declared would exceed it.
         if self.num_classes is not None and logits.shape[1] != self.num_classes:
             raise ValueError(
@@ -122,6 +125,7 @@ class HKRLoss(nn.Module):
         self.lipschitz_constant = self.kr.lipschitz_constant + self.alpha * SQRT2
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """KR + alpha * hinge per sample, reduced."""
         values = self.kr(logits, target) + self.alpha * self.hinge(logits, target)
         return _reduce(values, self.reduction)
 

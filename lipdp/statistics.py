@@ -85,6 +85,7 @@ class ChannelBlock:
 
     @property
     def stop(self) -> int:
+        """The index just past the block in a row: start + channels * positions."""
         return self.start + self.channels * self.positions
 
     def view(self, rows: torch.Tensor) -> torch.Tensor:

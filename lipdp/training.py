@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TrainConfig:
+    """Everything ``train_private`` needs besides the model and the data (defaults: the orthogonal CNN's)."""
+
     epsilon: float = 3.0
     delta: float = 1e-5
     epochs: int = 10
@@ -41,6 +43,8 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
+    """What a private run reports: held-out accuracy, (epsilon, delta) spent, sigma, steps, time, per-epoch log."""
+
     test_accuracy: float
     epsilon: float
     delta: float
@@ -50,6 +54,7 @@ class TrainResult:
     epoch_log: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
+        """The result as a JSON-able dict."""
         return asdict(self)
 
 
