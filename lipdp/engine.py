@@ -29,9 +29,10 @@ from accounting import BudgetReport, PrivacyAccountant, calibrate_noise
 from accounting.validation import check_steps
 from lipdp import distributed
 from lipdp.bounds import BoundReport, check_model, lipschitz_constant, record_shapes
+from lipdp.augment import Augmentation
 from lipdp.checkpoint import load_state, save_state
 from lipdp.checks import check_private_arguments, reject_unknown_arguments, warn_if_unfittable
-from lipdp.hooks import InputGuard, OutputGradientHook
+from lipdp.hooks import InputGuard, OutputGradientHook, PassCounter
 from lipdp.journal import StepJournal, count_journaled_steps, fresh_seed
 from lipdp.mechanism import GradientMechanism, MechanismConfig, PrivacyBudgetExceeded
 from lipdp.optimizer import DPOptimizer
@@ -43,7 +44,7 @@ __all__ = ["LipDPEngine", "PrivacyBudgetExceeded"]
 
 logger = logging.getLogger(__name__)
 
-SAMPLING_SEED, NOISE_SEED, STATISTICS_SEED = 0, 1, 2  # offsets of the three generators' seeds from engine.seed
+SAMPLING_SEED, NOISE_SEED, STATISTICS_SEED, VIEWS_SEED = 0, 1, 2, 3  # offsets of the generators' seeds from seed
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -73,6 +74,7 @@ class LipDPEngine:
         self.data_loader: PoissonDataLoader | None = None
         self.mechanism: GradientMechanism | None = None
         self.journal: StepJournal | None = None
+        self.passes = PassCounter()  # backward passes through the output since the last step (lipdp.hooks)
         self._hooks: list = []
 
     @property
@@ -119,10 +121,16 @@ class LipDPEngine:
         loss_grad_clip: float | None = None,
         max_epsilon: float | None = None,
         target_delta: float | None = None,
+        views: int = 1,
+        augment: Augmentation | None = None,
         **opacus_arguments,
     ) -> tuple[nn.Module, DPOptimizer, PoissonDataLoader]:
         """Attach the private mechanism. Every argument is checked here, before any training step
         (``lipdp.checks``; Opacus-only arguments such as ``max_grad_norm`` get an error naming lipdp's equivalent).
+
+        ``views`` K > 1 (augmentation multiplicity, De et al. 2022): the loader yields K random views
+        (``augment``, e.g. ``lipdp.augment.RandomShift(2)``) of every sampled record in one batch, and each record's
+        gradient is the mean of its views', within the same bound: no privacy cost, K times the compute.
 
         Multi-process (``lipdp.distributed``): call it on every rank with the same model, the full dataset and
         the *global* expected batch size; ``module`` may be plain or wrapped in DistributedDataParallel.
@@ -148,7 +156,8 @@ class LipDPEngine:
         poisson_loader = PoissonDataLoader(
             data_loader.dataset, data_loader.batch_size, self.sampling_generator,
             num_workers=data_loader.num_workers, pin_memory=data_loader.pin_memory,
-            rank=distributed.rank(), world_size=distributed.world_size(),
+            rank=distributed.rank(), world_size=distributed.world_size(), views=views, augment=augment,
+            view_generator=torch.Generator().manual_seed(self.seed + VIEWS_SEED),
         )
         input_shape = tuple(input_shape if input_shape is not None else poisson_loader.dataset[0][0].shape)
         model_params = {id(p) for p in module.parameters() if p.requires_grad}
@@ -177,7 +186,8 @@ class LipDPEngine:
             # The output hook clips each sample's logit gradient at the constant the bounds use, min(L, clip): a
             # no-op for the declared criterion, and what keeps the bound true if the loss back-propagated is another.
             self._hooks.append(InputGuard(module, input_shape, config.input_norm_bound).handle)
-            self._hooks.append(OutputGradientHook(module, loss_reduction, config.loss_lipschitz).handle)
+            self._hooks.append(OutputGradientHook(module, loss_reduction, config.loss_lipschitz, self.passes,
+                                                  views=views).handle)
         except BaseException:  # leave the user's model as it was
             materialized.detach_from()
             for handle in self._hooks:
@@ -260,7 +270,7 @@ class LipDPEngine:
                     optimizer.zero_grad(); criterion(model(x), y).backward(); optimizer.step()
         """
         self._require_attached()
-        return virtual_batches(self.data_loader, self.optimizer, max_physical_batch_size)
+        return virtual_batches(self.data_loader, self.optimizer, max_physical_batch_size, self.passes)
 
     # ------------------------------------------------------------------------------------ checkpoints, resume
     def state_dict(self) -> dict:

@@ -6,9 +6,24 @@
   loss, multiplies the gradient at the output by the batch size, turning (1/n) sum_i into sum_i so that no
   data-dependent division reaches the parameters; then, with ``loss_grad_clip=C``, clips each sample's
   gradient at the output to norm C (Bethune et al. 2023), which makes G_D = min(C, L) hold for any loss.
+  It also counts the backward passes through the output (``PassCounter``), and with K views per record it
+  divides each row's (clipped) gradient by K: a record's gradient is then (1/K) sum_k g_k, of norm <= max_k
+  ||g_k|| <= the same bound (triangle inequality), so K views cost no privacy (De et al. 2022).
+
+**One pass per sample per step** (docs/design.md §3). The bound Delta holds for a sample whose gradient reaches the
+parameters once. A batch forwarded twice into one loss (a second loss term, a repeated forward) or a loss
+back-propagated twice (``retain_graph=True``) sums two bounded gradients, up to 2 Delta. So every backward pass
+through the output of a training forward is counted, and a step that saw more than it accounts for (one per step,
+one per micro-batch of ``virtual_batches``) is refused before anything is released (``RepeatedPassError``).
+Forwards of *public* data (a function of public values and the current model only, e.g. one-class negatives drawn
+from a prior) are declared with ``public_data()``: their gradients are still clipped, but not counted.
 """
 
 from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -69,27 +84,95 @@ class InputGuard:
                 )
 
 
-class OutputGradientHook:
-    """Forward hook that fixes each sample's loss gradient at the model output (see module docstring)."""
+class RepeatedPassError(ValueError):
+    """A step whose gradients passed through the model's output more often than it accounts for: nothing released."""
 
-    def __init__(self, model: nn.Module, loss_reduction: str, clip: float | None) -> None:
+
+_public = threading.local()
+
+
+@contextlib.contextmanager
+def public_data() -> Iterator[None]:
+    """Forwards inside this block are of public data (a function of public values and the current model only):
+    their backward passes are not counted against the one-pass rule. Never wrap private records in it."""
+    _public.depth = getattr(_public, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _public.depth -= 1
+
+
+def _in_public_block() -> bool:
+    return getattr(_public, "depth", 0) > 0
+
+
+class PassCounter:
+    """Backward passes through the output of private training forwards since the last step, against the passes
+    the step accounts for: one, plus one for each further micro-batch of the same logical batch (``allow``)."""
+
+    def __init__(self) -> None:
+        self.passes, self.allowed = 0, 1
+
+    def record(self) -> None:
+        """One backward pass went through the output of a private forward."""
+        self.passes += 1
+
+    def allow(self, extra: int = 1) -> None:
+        """Account for ``extra`` more passes in this step (more micro-batches of disjoint samples)."""
+        self.allowed += extra
+
+    def reset(self) -> None:
+        """A new step starts (after a step, or ``zero_grad``)."""
+        self.passes, self.allowed = 0, 1
+
+    def check(self) -> None:
+        """Refuse the step if its gradients went through the output more often than accounted for."""
+        if self.passes > self.allowed:
+            raise RepeatedPassError(
+                f"this step's gradient went through the model's output {self.passes} times but the step accounts "
+                f"for {self.allowed}: a sample that reaches the loss twice (a batch forwarded twice into one loss, "
+                "or backward(retain_graph=True) called twice) has up to twice the certified sensitivity. Nothing "
+                "was released. Fix: forward each batch once and call backward once per step (zero_grad first), "
+                "split large batches with engine.virtual_batches(...), and wrap forwards of public data (e.g. "
+                "generated negatives) in lipdp.hooks.public_data()"
+            )
+
+
+class OutputGradientHook:
+    """Forward hook that fixes each sample's loss gradient at the model output and counts the backward passes
+    through it (see module docstring)."""
+
+    def __init__(self, model: nn.Module, loss_reduction: str, clip: float | None,
+                 passes: PassCounter | None = None, views: int = 1) -> None:
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         if clip is not None and not clip > 0:
             raise ValueError(f"loss_grad_clip must be > 0 (or None), got {clip}")
         self.loss_reduction = loss_reduction
         self.clip = clip
+        self.passes = passes if passes is not None else PassCounter()
+        self.views = views
         self.handle = model.register_forward_hook(self)
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        """Register the gradient fix (and, for private data, the pass count) on a training forward's output."""
         if isinstance(output, torch.Tensor) and output.requires_grad:
-            batch = output.shape[0]
-            output.register_hook(lambda grad: self._fix(grad, batch))
+            batch, counted = output.shape[0], not _in_public_block()
+            if counted and batch % self.views:
+                raise ValueError(
+                    f"a training batch of {batch} rows is not {self.views} views of each record: the engine averages "
+                    f"the gradients of {self.views} views per record. Fix: iterate the loader make_private returned "
+                    "(it makes the views), or make the model private with views=1")
+            output.register_hook(lambda grad: self._fix(grad, batch, counted))
 
-    def _fix(self, grad: torch.Tensor, batch: int) -> torch.Tensor:
+    def _fix(self, grad: torch.Tensor, batch: int, counted: bool) -> torch.Tensor:
+        if counted:
+            self.passes.record()
         if self.loss_reduction == "mean":
             grad = grad * batch
         if self.clip is not None and batch > 0:
             norms = grad.flatten(1).norm(dim=1).view(-1, *([1] * (grad.dim() - 1)))
             grad = grad * (self.clip / norms.clamp_min(1e-12)).clamp(max=1.0)
+        if counted and self.views > 1:  # a record's gradient: the mean of its K views' (each within the bound)
+            grad = grad / self.views
         return grad

@@ -15,6 +15,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
+from lipdp.augment import Augmentation, make_views
+from lipdp.hooks import PassCounter
+
 
 def random_seed() -> int:
     """A 63-bit seed from the operating system's entropy (``os.urandom``): the engine's secure mode."""
@@ -93,6 +96,10 @@ class PoissonDataLoader(DataLoader):
 
     One epoch = round(N / batch_size) batches (so q * steps_per_epoch ~ 1). In a multi-process run
     ``batch_size`` is the *global* expected batch size and this rank yields its shard of each batch.
+
+    With ``views`` K > 1, each batch holds K random views of every sampled record (``lipdp.augment.make_views``,
+    view-major, drawn with ``view_generator``): K n rows for n records. The engine then averages each record's K
+    view gradients (``lipdp.hooks``), whose norm stays within the same bound: views cost no privacy.
     """
 
     def __init__(
@@ -104,7 +111,16 @@ class PoissonDataLoader(DataLoader):
         pin_memory: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        views: int = 1,
+        augment: Augmentation | None = None,
+        view_generator: torch.Generator | None = None,
     ) -> None:
+        if not (isinstance(views, int) and views >= 1):
+            raise ValueError(f"views must be an integer >= 1, got {views!r}")
+        if augment is not None and not callable(augment):
+            raise TypeError(f"augment must be a function (images, generator) -> images, got {type(augment).__name__}")
+        self.views, self.augment = views, augment
+        self.view_generator = view_generator if view_generator is not None else torch.Generator()
         if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
             raise TypeError(
                 "lipdp needs a map-style dataset (with __len__ and __getitem__) to sample each record "
@@ -137,23 +153,37 @@ class PoissonDataLoader(DataLoader):
         """Batches per epoch, round(N / expected batch size)."""
         return len(self.batch_sampler)
 
+    def __iter__(self):
+        """The Poisson batches, each with its records' views when ``views`` > 1 (or an augmentation is set)."""
+        for batch in super().__iter__():
+            if self.views > 1 or self.augment is not None:
+                batch = make_views(batch, self.views, self.augment, self.view_generator)
+            yield batch
+
 
 @contextlib.contextmanager
-def virtual_batches(loader: PoissonDataLoader, optimizer, max_physical_batch_size: int) -> Iterator[Iterator]:
+def virtual_batches(loader: PoissonDataLoader, optimizer, max_physical_batch_size: int,
+                    passes: PassCounter | None = None) -> Iterator[Iterator]:
     """Split each Poisson (logical) batch of ``loader`` into micro-batches of at most ``max_physical_batch_size``;
     gradients accumulate and ``optimizer`` (a ``DPOptimizer``) takes ONE noisy step per logical batch: its
-    ``skip_next_step`` is set for every micro-batch but the last."""
+    ``skip_next_step`` is set for every micro-batch but the last. The micro-batches hold disjoint samples, so the
+    step accounts for one backward pass each (``passes.allow``, ``lipdp.hooks``)."""
     if not (isinstance(max_physical_batch_size, int) and max_physical_batch_size >= 1):
         raise ValueError(f"max_physical_batch_size must be an integer >= 1, got {max_physical_batch_size!r}")
+    views = loader.views
+    records_per_chunk = max(1, max_physical_batch_size // views)  # a record's K views stay in one micro-batch
 
     def micro_batches():
         for batch in loader:
-            size = len(batch[0])
-            chunks = max(1, -(-size // max_physical_batch_size))
+            records = len(batch[0]) // views
+            chunks = max(1, -(-records // records_per_chunk))
             for index in range(chunks):
+                if index > 0 and passes is not None:
+                    passes.allow()
                 optimizer.skip_next_step = index < chunks - 1
-                start = index * max_physical_batch_size
-                yield [t[start:start + max_physical_batch_size] for t in batch]
+                start, stop = index * records_per_chunk, (index + 1) * records_per_chunk
+                yield [torch.cat([t[view * records + start:view * records + min(stop, records)]
+                                  for view in range(views)]) for t in batch]
                 optimizer.skip_next_step = False  # a zero_grad after the step must clear
         optimizer.skip_next_step = False
 

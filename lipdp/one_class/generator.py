@@ -22,6 +22,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from lipdp.hooks import public_data
+
 __all__ = ["BallPrior", "BoxPrior", "NegativeSampler", "Prior"]
 
 
@@ -156,7 +158,7 @@ class NegativeSampler:
 
     def _step(self, model: nn.Module, z: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         z = z.detach().requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), public_data():  # the negatives are public: not counted as training passes
             f = model(z).reshape(len(z))
             (grad,) = torch.autograd.grad(f.sum(), z)
         with torch.no_grad():

@@ -34,6 +34,7 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from lipdp.averaging import WeightAverage
+from lipdp.hooks import public_data
 from lipdp.one_class.generator import NegativeSampler
 from lipdp.one_class.loss import OneClassHKR
 
@@ -59,7 +60,8 @@ def ocsdf_step_loss(
             f"{criterion.reduction!r}"
         )
     positive = criterion(model(x)) if len(x) else torch.zeros(())
-    negative = criterion.negative_loss(model(negatives), reduction="mean")
+    with public_data():  # the negatives are a function of the prior and the current model: public
+        negative = criterion.negative_loss(model(negatives), reduction="mean")
     return gradient_divisor * (positive / expected_batch_size + negative)
 
 
