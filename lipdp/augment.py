@@ -72,7 +72,7 @@ class Compose:
 
 def _needs_images(tensor: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"image augmentations take (N, C, H, W) batches, got shape {tuple(tensor.shape)}. Fix: pass "
-                     "image data, or train without augment=")
+                     "image data, or train without a shift or flip augmentation")
 
 
 def make_views(batch: Sequence[torch.Tensor], views: int, augment: Augmentation | None,

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from lipdp import distributed
+from lipdp.augment import Augmentation, Compose, RandomFlip, RandomShift
 from lipdp.averaging import WeightAverage
 from lipdp.engine import LipDPEngine
 from lipdp.evaluation import accuracy
@@ -39,6 +40,16 @@ class TrainConfig:
     max_physical_batch_size: int | None = None
     weight_averaging: float | None = None  # EMA decay of the released iterates (post-processing), e.g. 0.99
     optimizer: str = "adam"  # "adam", or "sgd" (momentum 0.9)
+    views: int = 1  # K views per record (augmentation multiplicity): no privacy cost, K times the compute
+    max_shift: int = 0  # views shifted by up to this many pixels (zero-filled), images only
+    flip: bool = False  # views flipped left-right at random, images only
+
+
+def view_augmentation(config: TrainConfig) -> Augmentation | None:
+    """The per-sample augmentation of ``config``'s views: a random shift and/or flip (None: identical views)."""
+    parts: list[Augmentation] = ([RandomShift(config.max_shift)] if config.max_shift else []) + (
+        [RandomFlip()] if config.flip else [])
+    return None if not parts else parts[0] if len(parts) == 1 else Compose(parts)
 
 
 @dataclass
@@ -94,7 +105,8 @@ def train_private(
         module=model, optimizer=optimizer, data_loader=DataLoader(train_set, batch_size=config.batch_size),
         criterion=criterion, target_epsilon=config.epsilon, target_delta=config.delta, epochs=config.epochs,
         input_norm_bound=config.input_norm_bound, noise_strategy=config.noise_strategy,
-        loss_grad_clip=config.loss_grad_clip, max_epsilon=config.epsilon,
+        loss_grad_clip=config.loss_grad_clip, max_epsilon=config.epsilon, views=config.views,
+        augment=view_augmentation(config),
     )
     averaged = WeightAverage(model, config.weight_averaging) if config.weight_averaging else None
     total_steps = config.epochs * loader.steps_per_epoch

@@ -40,6 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
                         help="the optimizer the engine wraps: adam, or sgd with momentum 0.9")
     parser.add_argument("--accountant", choices=("prv", "rdp", "pld"), default="prv", help="privacy accountant")
+    parser.add_argument("--views", type=int, default=1,
+                        help="random views per record and step (augmentation multiplicity): no privacy cost")
+    parser.add_argument("--shift", type=int, default=0, metavar="PIXELS",
+                        help="views shifted by up to this many pixels, zero-filled (images)")
+    parser.add_argument("--flip", action="store_true", help="views flipped left-right at random (images)")
     parser.add_argument("--physical-batch-size", type=int, default=None,
                         help="split each logical batch into micro-batches of this size (memory), one noise draw")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data split, model init, sampling and noise")
@@ -72,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         learning_rate=args.lr or preset["learning_rate"], temperature=args.temperature or preset["temperature"],
         noise_strategy=args.noise_strategy, loss_grad_clip=args.loss_grad_clip, accountant=args.accountant,
         seed=args.seed, max_physical_batch_size=args.physical_batch_size, optimizer=args.optimizer,
+        views=args.views, max_shift=args.shift, flip=args.flip,
     )
     if kind == "cnn":
         model = orthogonal_cnn(splits.input_shape, splits.num_classes, widths=widths)
