@@ -101,3 +101,47 @@ def test_conformal_runs_on_digits_with_its_defaults():
                  "--attack-steps", "1", "--no-progress", timeout=600)
     assert result.returncode == 0, result.stderr
     assert "'calibration': 287" in result.stdout
+
+
+def _module_level_imports(path: Path, package_root: Path) -> set[str]:
+    """The project modules ``path`` imports at module level (imports inside functions are lazy: not counted)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return {name for name in names if name.split(".")[0] in ("lipdp", "accounting", "recipes", "benchmarks")}
+
+
+def test_no_import_cycles_between_modules():
+    modules = {}
+    for folder in ("lipdp", "accounting", "recipes", "benchmarks"):
+        for path in (REPO / folder).rglob("*.py"):
+            name = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+            modules[name] = path
+    graph = {name: {m for m in _module_level_imports(path, REPO) if m in modules and m != name}
+             for name, path in modules.items()}
+    # a package's __init__ re-exporting its own submodules is not a cycle of concepts: drop parent -> child edges
+    graph = {name: {m for m in targets if not m.startswith(name + ".")} for name, targets in graph.items()}
+    visiting, done, cycles = set(), set(), []
+
+    def visit(node, trail):
+        if node in done:
+            return
+        if node in visiting:
+            cycles.append(trail[trail.index(node):] + [node])
+            return
+        visiting.add(node)
+        for target in sorted(graph[node]):
+            visit(target, trail + [node])
+        visiting.discard(node)
+        done.add(node)
+
+    for name in sorted(graph):
+        visit(name, [])
+    assert cycles == []
