@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flip", action="store_true", help="views flipped left-right at random (images)")
     parser.add_argument("--physical-batch-size", type=int, default=None,
                         help="split each logical batch into micro-batches of this size (memory), one noise draw")
+    parser.add_argument("--validation", type=float, default=None, metavar="FRACTION",
+                        help="hold out this fraction of the training split and report accuracy on it instead of the "
+                             "test split (for choosing settings without reading the test split)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data split, model init, sampling and noise")
     parser.add_argument("--json", type=Path, default=None, help="write the results and budget report here")
     parser.add_argument("--plot", type=Path, default=None, help="write the budget plot (PNG) here")
@@ -58,12 +61,16 @@ def run(args: argparse.Namespace) -> int:
     import math
 
     from lipdp import distributed
-    from lipdp.datasets import load_dataset
+    from lipdp.datasets import load_dataset, train_validation_split
     from lipdp.models import orthogonal_cnn, orthogonal_mlp
     from lipdp.presets import train_preset
     from lipdp.training import TrainConfig, train_private
 
     splits = load_dataset(args.dataset, root=args.data_root, seed=args.seed)
+    train_set, held_out, held_out_name = splits.train, splits.test, "test"
+    if args.validation is not None:
+        train_set, held_out = train_validation_split(splits.train, args.validation, seed=args.seed)
+        held_out_name = "validation"
     image = len(splits.input_shape) == 3
     kind = args.model or train_preset(splits.name)["model"] or ("cnn" if image else "mlp")
     if kind == "cnn" and not image:
@@ -73,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     widths = tuple(args.widths or preset["widths"])
     config = TrainConfig(
         epsilon=args.epsilon, delta=args.delta, epochs=args.epochs or preset["epochs"],
-        batch_size=min(args.batch_size or preset["batch_size"], len(splits.train)),
+        batch_size=min(args.batch_size or preset["batch_size"], len(train_set)),
         learning_rate=args.lr or preset["learning_rate"], temperature=args.temperature or preset["temperature"],
         noise_strategy=args.noise_strategy, loss_grad_clip=args.loss_grad_clip, accountant=args.accountant,
         seed=args.seed, max_physical_batch_size=args.physical_batch_size, optimizer=args.optimizer,
@@ -88,16 +95,17 @@ def run(args: argparse.Namespace) -> int:
         parameters = sum(p.numel() for p in model.parameters())
         print(f"model: orthogonal {kind.upper()} {widths} with {parameters} parameters; "
               f"target ({config.epsilon}, {config.delta})-DP, {config.epochs} epochs, expected batch {config.batch_size}")
-    result, engine = train_private(model, splits.train, splits.test, config, progress=not args.no_progress)
+    result, engine = train_private(model, train_set, held_out, config, progress=not args.no_progress)
     if not distributed.is_main_process():
         return 0
     report = engine.report(delta=config.delta, target_epsilon=config.epsilon)
     print(report.to_text())
-    print(f"\ntest accuracy {result.test_accuracy:.4f} on {len(splits.test)} held-out samples at "
+    print(f"\n{held_out_name} accuracy {result.test_accuracy:.4f} on {len(held_out)} held-out samples at "
           f"(epsilon = {result.epsilon:.3f}, delta = {config.delta:g}); noise multiplier {result.noise_multiplier:.4f}, "
           f"{result.steps} steps, {result.seconds:.1f} s of training")
     if args.json:
-        record = {"dataset": splits.name, "model": {"kind": kind, "widths": widths}, "config": vars(config),
+        record = {"dataset": splits.name, "evaluated_on": held_out_name, "model": {"kind": kind, "widths": widths},
+                  "config": vars(config),
                   **result.to_dict(), "budget": report.to_dict()}
         print(f"wrote {write_json(args.json, record)}")
     if args.plot:
