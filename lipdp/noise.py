@@ -1,4 +1,4 @@
-"""Noise allocation across parameter groups, all accounted as ONE Gaussian mechanism (DESIGN.md §1).
+"""Noise allocation across parameter groups, all accounted as ONE Gaussian mechanism (docs/design.md §1).
 
 If group d has sensitivity Delta_d and gets independent noise of std s_d, the step is a Gaussian mechanism
 with effective noise multiplier sigma_eff = (sum_d (Delta_d / s_d)^2)^(-1/2). Each strategy reaches
@@ -72,6 +72,24 @@ class GaussianNoise:
         self.generator = generator
 
     def sample(self, grads: Mapping[str, torch.Tensor], stds: Mapping[str, float]) -> dict[str, torch.Tensor]:
-        """One independent Gaussian draw per gradient, scaled by its group's std."""
-        return {name: torch.randn(grad.shape, generator=self.generator, dtype=grad.dtype, device=grad.device)
-                .mul_(stds[name]) for name, grad in grads.items()}
+        """One independent N(0, s_d^2 I) draw shaped like each gradient d.
+
+        Gradients of one (dtype, device) share ONE ``randn`` call of their total size, split into views, scaled
+        with one call per run of equal stds: as many calls as groups, not as parameters. The views are independent standard normal
+        coordinates either way, so the mechanism (and its privacy) is the same as one draw per gradient.
+        """
+        groups: dict[tuple[torch.dtype, torch.device], list[str]] = {}
+        for name, grad in grads.items():
+            groups.setdefault((grad.dtype, grad.device), []).append(name)
+        draws: dict[str, torch.Tensor] = {}
+        for (dtype, device), names in groups.items():
+            sizes = [grads[name].numel() for name in names]
+            flat = torch.randn(sum(sizes), generator=self.generator, dtype=dtype, device=device)
+            chunks = flat.split(sizes)
+            start = 0  # scale each run of equal stds with one call (the whole group for the global strategy)
+            for index in range(1, len(names) + 1):
+                if index == len(names) or stds[names[index]] != stds[names[start]]:
+                    flat[sum(sizes[:start]):sum(sizes[:index])].mul_(float(stds[names[start]]))
+                    start = index
+            draws.update((name, chunk.view(grads[name].shape)) for name, chunk in zip(names, chunks))
+        return draws

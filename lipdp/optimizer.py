@@ -6,6 +6,9 @@ import torch
 
 from lipdp.mechanism import GradientMechanism
 
+#: Key of the mechanism's bound state in ``DPOptimizer.state_dict()``.
+BOUNDS_KEY = "lipdp_bound_cache"
+
 
 class DPOptimizer(torch.optim.Optimizer):
     """Wraps ``optimizer``; ``step()`` releases the noisy gradient (one accountant step) then steps.
@@ -33,13 +36,29 @@ class DPOptimizer(torch.optim.Optimizer):
     def defaults(self):
         return self.original_optimizer.defaults
 
-    def state_dict(self):
-        return self.original_optimizer.state_dict()
+    def state_dict(self) -> dict:
+        """The wrapped optimizer's state, plus (key ``BOUNDS_KEY``) the mechanism's certified-norm references, so
+        that a resumed run takes the same refresh decisions (and the same noise stds) as an uninterrupted one."""
+        state = self.original_optimizer.state_dict()
+        state[BOUNDS_KEY] = self.mechanism.norm_cache.state_dict()
+        return state
 
-    def load_state_dict(self, state_dict) -> None:
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Inverse of ``state_dict``; a plain optimizer's state (no ``BOUNDS_KEY``) loads too."""
+        state_dict = dict(state_dict)
+        bounds = state_dict.pop(BOUNDS_KEY, None)
         self.original_optimizer.load_state_dict(state_dict)
+        if bounds is not None:
+            self.mechanism.norm_cache.load_state_dict(bounds)
 
-    def add_param_group(self, param_group) -> None:
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group of the model's own parameters (any other tensor would be stepped with an un-noised
+        gradient: refused)."""
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        known = {id(p) for p in self.mechanism.model.parameters()}
+        if any(id(p) not in known for p in params):
+            raise ValueError("add_param_group: every parameter must be one of the private model's parameters")
         self.original_optimizer.add_param_group(param_group)
 
     def __repr__(self) -> str:

@@ -1,7 +1,7 @@
 """Reparametrised weights (orthogonium's W = f(raw), by Björck/BCOP/RKO at every forward), done soundly.
 
 Bounds hold for the gradient of the *materialised* W, not of the raw tensors (f's Jacobian is not bounded by
-1). So (DESIGN.md §2): once per optimizer step W = f(raw) is computed with its graph and a detached leaf copy
+1). So (docs/design.md §2): once per optimizer step W = f(raw) is computed with its graph and a detached leaf copy
 W~ is what the layer's forward uses; backward fills W~.grad (the summed per-sample gradients of W, no
 per-sample work). The optimizer noises W~.grad, then carries the *noisy* gradient back through f into the
 raw tensors with one vector-Jacobian product: post-processing of the released quantity. Materialising once
@@ -41,6 +41,7 @@ class MaterializedWeights:
         self._graphs: dict[nn.Module, torch.Tensor] = {}
         self._leaves: dict[nn.Module, torch.Tensor] = {}
         self._versions: dict[nn.Module, tuple[int, ...]] = {}
+        self._raw: dict[nn.Module, list[torch.Tensor]] = {m: list(m.parameters()) for m in self.modules.values()}
         for module in self.modules.values():
             module.forward = _materialized_forward(module, self)
 
@@ -50,9 +51,10 @@ class MaterializedWeights:
             if "forward" in module.__dict__:
                 del module.forward
 
-    @staticmethod
-    def _raw_versions(module: nn.Module) -> tuple[int, ...]:
-        return tuple(p._version for p in module.parameters())
+    def _raw_versions(self, module: nn.Module) -> tuple[int, ...]:
+        """Version counters of the module's raw tensors (listed once: walking the parametrisation each call
+        costs more than the rest of ``leaf``)."""
+        return tuple(p._version for p in self._raw[module])
 
     def leaf(self, module: nn.Module) -> torch.Tensor:
         """The weight this step's forwards use; materialised (with its graph when grad is on) once per step,
@@ -83,7 +85,7 @@ class MaterializedWeights:
             if graph is None:
                 with torch.enable_grad():
                     graph = module.weight
-            for parameter in module.parameters():
+            for parameter in self._raw[module]:
                 if parameter is not module.bias:
                     parameter.grad = None
             graphs.append(graph)
@@ -92,6 +94,7 @@ class MaterializedWeights:
             torch.autograd.backward(graphs, grads)
 
     def zero_grad(self) -> None:
+        """Clear the gradient of every materialised weight (set to None)."""
         for leaf in self._leaves.values():
             leaf.grad = None
 

@@ -1,11 +1,13 @@
-"""Certified Lipschitz constants and per-sample gradient bounds (DESIGN.md §2)."""
+"""Certified Lipschitz constants and per-sample gradient bounds (docs/design.md §2)."""
 
 from lipdp.bounds import rules_containers, rules_conv, rules_elementwise, rules_linear  # noqa: F401  (registration)
 from lipdp.bounds.analysis import (
+    BoundPlan,
     BoundReport,
     ModelValidationError,
     analyze,
     check_model,
+    fetch_values,
     lipschitz_constant,
     is_reparametrized,
     sensitivity_keys,
@@ -17,8 +19,8 @@ from lipdp.bounds.registry import BoundRule, LipschitzModule, UnsupportedModuleE
 from lipdp.bounds.spectral import CertifiedNormCache, ConvGeometry, conv2d_operator_norm, dense_operator_norm
 
 __all__ = [
-    "BoundContext", "BoundReport", "BoundRule", "CertifiedNormCache", "ConvGeometry", "LipschitzModule",
+    "BoundContext", "BoundPlan", "BoundReport", "BoundRule", "CertifiedNormCache", "ConvGeometry", "LipschitzModule",
     "ModelValidationError", "UnsupportedModuleError", "analyze", "check_model", "conv2d_operator_norm",
-    "dense_operator_norm", "lipschitz_constant", "is_reparametrized", "sensitivity_keys", "parameter_sensitivities",
+    "dense_operator_norm", "fetch_values", "lipschitz_constant", "is_reparametrized", "sensitivity_keys", "parameter_sensitivities",
     "record_shapes", "register_bound_rule", "validate",
 ]

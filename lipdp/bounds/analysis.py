@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lipdp.bounds.context import BoundContext
+from lipdp.bounds.context import BoundContext, ModelChanged
 from lipdp.bounds.registry import UnsupportedModuleError
 from lipdp.bounds.spectral import DEFAULT_CACHE, CertifiedNormCache
 
@@ -109,6 +111,142 @@ class BoundReport:
         return "\n".join(lines)
 
 
+def fetch_values(tensors: Sequence[torch.Tensor]) -> list[float]:
+    """The values of 0-dim tensors as floats, with one host transfer per device (not one per tensor)."""
+    values: list[float | None] = [None] * len(tensors)
+    by_device: dict[torch.device, list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        by_device.setdefault(tensor.device, []).append(index)
+    for indices in by_device.values():
+        stacked = torch.stack([tensors[i] if tensors[i].dtype == torch.float64 else tensors[i].to(torch.float64)
+                               for i in indices]).tolist()
+        for i, value in zip(indices, stacked):
+            values[i] = value
+    return values
+
+
+class BoundPlan:
+    """The bound analysis of one model, resolved once and re-evaluated cheaply (docs/design.md §3, "a plan").
+
+    Built once (at ``make_private``): the model is validated, every module's rule resolved and checked, the
+    per-sample shapes recorded, the sensitivity keys and group sizes fixed. ``evaluate`` then only refreshes the
+    numbers that depend on the weights: the certified operator norms (``CertifiedNormCache``: Weyl drift
+    ||W||_2 <= ||W0||_2 + c ||W - W0||_F between exact computations every K steps) and the bias norms, all
+    measured in one batched device computation with one host transfer, then the rules' float arithmetic
+    (X_d = out_d(X_{d-1}), G_{d-1} = G_d Lip(h_d), Delta from (X_{d-1}, G_d)).
+
+    Each evaluation re-runs every rule's ``check`` (e.g. a Dropout switched to training mode is refused). If the
+    set of trainable parameters changed, or a module the plan has not seen is reached (a layer was swapped), the
+    plan is built again from the model (validation and shapes included) before anything is returned.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        input_norm_bound: float,
+        loss_lipschitz: float,
+        input_shape: tuple[int, ...] | None = None,
+        norm_cache: CertifiedNormCache = DEFAULT_CACHE,
+        shapes: dict | None = None,
+        weights: dict | None = None,
+    ) -> None:
+        if not input_norm_bound > 0:
+            raise ValueError(f"input_norm_bound must be > 0, got {input_norm_bound}")
+        if not loss_lipschitz > 0:
+            raise ValueError(f"loss_lipschitz must be > 0, got {loss_lipschitz}")
+        self.model = model
+        self.input_norm_bound = float(input_norm_bound)
+        self.loss_lipschitz = float(loss_lipschitz)
+        self.input_shape = None if input_shape is None else tuple(input_shape)
+        self.norm_cache = norm_cache
+        self.first_report = self._compile(shapes, weights)
+
+    def _compile(self, shapes: dict | None, weights: dict | None) -> BoundReport:
+        model = self.model
+        check_model(model)
+        self.context = BoundContext(model, self.input_shape, self.norm_cache, shapes)
+        named = dict(model.named_parameters())
+        self.keys = sensitivity_keys(model)
+        owners = {}
+        for name in named:
+            owner, _, attribute = name.rpartition(".")
+            owners[name] = (model.get_submodule(owner), attribute)
+        self._owners = owners
+        self._trainable = self._trainable_flags()
+        with parametrize.cached():  # materialise each reparametrised weight once per evaluation
+            self.context.begin(weights, {}, {})
+            self.sizes = {}
+            for key in dict.fromkeys(self.keys.values()):
+                owner, _, attribute = key.rpartition(".")
+                module = model.get_submodule(owner)
+                self.sizes[key] = (self.context.weight(module) if attribute == "weight"
+                                   else getattr(module, attribute)).numel()
+            report = self._report()
+        self._checks = self.context.resolved_rules()
+        self.context.sealed = True
+        return report
+
+    def _trainable_flags(self) -> list[bool]:
+        return [module._parameters.get(attribute) is not None and module._parameters[attribute].requires_grad
+                for module, attribute in self._owners.values()]
+
+    def plain_parameters(self) -> dict[str, nn.Parameter]:
+        """Trainable parameters reported under their own name (not raw tensors of a reparametrised weight)."""
+        return {name: self._owners[name][0]._parameters[self._owners[name][1]]
+                for name, key in self.keys.items() if key == name}
+
+    def evaluate(self, weights: dict | None = None,
+                 norms_of: Sequence[torch.Tensor] = ()) -> tuple[BoundReport, list[float]]:
+        """The ``BoundReport`` of the current weights (``weights``: module -> materialised weight), and the L2 norms
+        (float64 accumulation) of the tensors ``norms_of``, measured in the same batched call and host transfer as
+        the plan's own numbers (the mechanism passes the gradients: a norm is finite iff every entry is, unless
+        float64 squares overflow)."""
+        if self._trainable_flags() != self._trainable:
+            self._compile(None, weights)
+        for module, rule, path in self._checks:
+            rule.check(module, path)
+        context = self.context
+        with parametrize.cached():
+            context.begin(weights, {}, {})
+            requests = list(context.operator_requests)
+            pending = self.norm_cache.pending_drifts([(module, key, context.weight(module)) for module, key in requests])
+            drifts = {request: drift for request, drift in zip(requests, pending) if drift is not None}
+            biases = [(module, name, getattr(module, name)) for module, name in context.parameter_requests]
+            measured = [t.detach() for *_, t in biases] + list(norms_of)
+            norms = list(torch._foreach_norm(measured, 2, dtype=torch.float64)) if measured else []
+            values = fetch_values([d.tensor for d in drifts.values()] + norms)
+            for drift, value in zip(drifts.values(), values):
+                drift.value = value
+            values = values[len(drifts):]
+            context.begin(weights, drifts, {(m, n): (t, v) for (m, n, t), v in zip(biases, values)})
+            try:
+                report = self._report()
+            except ModelChanged:  # a layer was swapped in: build the plan again (validation, shapes), evaluate
+                self._compile(None, weights)
+                return self.evaluate(weights, norms_of)
+        return report, values[len(biases):]
+
+    def report(self, weights: dict | None = None) -> BoundReport:
+        """``evaluate`` without extra values."""
+        return self.evaluate(weights)[0]
+
+    def _report(self) -> BoundReport:
+        context, x0 = self.context, self.input_norm_bound
+        raw = context.param_sensitivities(self.model, x0, self.loss_lipschitz)
+        missing = sorted(set(self.sizes) - set(raw))
+        if missing:
+            raise ValueError(
+                f"trainable parameters without a sensitivity bound: {missing}. Their module's rule must bound them "
+                "(or freeze them with requires_grad_(False))."
+            )
+        return BoundReport(
+            sensitivities={name: raw[name] for name in self.sizes},
+            lipschitz=context.lipschitz(self.model),
+            output_bound=context.output_bound(self.model, x0),
+            sizes=dict(self.sizes),
+        )
+
+
 def analyze(
     model: nn.Module,
     input_norm_bound: float,
@@ -118,43 +256,15 @@ def analyze(
     shapes: dict | None = None,
     weights: dict | None = None,
 ) -> BoundReport:
-    """Bounds of every trainable parameter's per-sample gradient, from the current weights.
+    """Bounds of every trainable parameter's per-sample gradient, from the current weights (a one-off
+    ``BoundPlan``; the engine keeps its plan across steps).
 
     Raises ``ModelValidationError`` for unsupported modules and ``ValueError`` if a trainable parameter gets
     no bound (which would otherwise be released without noise). ``shapes`` (from ``record_shapes``) saves
     the shape-recording forward pass when the caller analyses the same model often; ``weights`` (module ->
     tensor) supplies already materialised weights of reparametrised layers.
     """
-    with parametrize.cached():  # materialise each reparametrised weight once per analysis
-        return _analyze(model, input_norm_bound, loss_lipschitz, input_shape, norm_cache, shapes, weights)
-
-
-def _analyze(model, input_norm_bound, loss_lipschitz, input_shape, norm_cache, shapes, weights) -> BoundReport:
-    if not input_norm_bound > 0:
-        raise ValueError(f"input_norm_bound must be > 0, got {input_norm_bound}")
-    if not loss_lipschitz > 0:
-        raise ValueError(f"loss_lipschitz must be > 0, got {loss_lipschitz}")
-    check_model(model)
-    ctx = BoundContext(model, input_shape, norm_cache, shapes, weights)
-    raw = ctx.param_sensitivities(model, float(input_norm_bound), float(loss_lipschitz))
-    sizes: dict[str, int] = {}
-    for key in dict.fromkeys(sensitivity_keys(model).values()):
-        owner, _, attribute = key.rpartition(".")
-        module = model.get_submodule(owner)
-        sizes[key] = (ctx.weight(module) if attribute == "weight" else getattr(module, attribute)).numel()
-    missing = sorted(set(sizes) - set(raw))
-    if missing:
-        raise ValueError(
-            f"trainable parameters without a sensitivity bound: {missing}. Their module's rule must bound them "
-            "(or freeze them with requires_grad_(False))."
-        )
-    sensitivities = {name: raw[name] for name in sizes}
-    return BoundReport(
-        sensitivities=sensitivities,
-        lipschitz=ctx.lipschitz(model),
-        output_bound=ctx.output_bound(model, float(input_norm_bound)),
-        sizes=sizes,
-    )
+    return BoundPlan(model, input_norm_bound, loss_lipschitz, input_shape, norm_cache, shapes, weights).first_report
 
 
 def parameter_sensitivities(

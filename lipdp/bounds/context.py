@@ -1,6 +1,6 @@
 """Bound analysis of a whole model: forward pass of norm bounds, backward pass of gradient bounds.
 
-For a chain h_1..h_D with input bound X_0 and a loss that is L-Lipschitz in the logits (DESIGN.md §2):
+For a chain h_1..h_D with input bound X_0 and a loss that is L-Lipschitz in the logits (docs/design.md §2):
 X_d = out_d(X_{d-1}); G_D = L; G_{d-1} = G_d * Lip(h_d); parameters of h_d get bounds from (X_{d-1}, G_d).
 Containers (``nn.Sequential``, lipdp's residual block) apply this recursively through the context.
 """
@@ -13,14 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lipdp.bounds.registry import (
-    PROTOCOL_ADAPTER,
-    BoundRule,
-    LipschitzModule,
-    UnsupportedModuleError,
-    find_rule,
-    refusal_for,
-)
+from lipdp.bounds.registry import BoundRule, resolve_rule
 from lipdp.bounds.spectral import DEFAULT_CACHE, CertifiedNormCache
 
 
@@ -57,9 +50,19 @@ def record_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[nn.Mod
     return shapes
 
 
+class ModelChanged(Exception):
+    """A sealed context (``BoundPlan``'s) met a module it never resolved: the model changed after the plan."""
+
+
 @dataclass
 class BoundContext:
-    """What rules may ask while bounding one model: shapes, paths, cached Lipschitz constants."""
+    """What rules may ask while bounding one model: shapes, paths, weights, certified norms.
+
+    A context lives as long as its ``BoundPlan`` (the engine keeps one per model): each module's rule is
+    resolved once (``rule``), Lipschitz constants and output bounds are memoised within one evaluation (``begin``
+    starts the next one), and the tensor norms rules ask for (``operator_norm``, ``parameter_norm``) are recorded so that the
+    plan can measure all of them for the next evaluation in one batched device computation (``measured``).
+    """
 
     model: nn.Module
     input_shape: tuple[int, ...] | None = None
@@ -69,6 +72,13 @@ class BoundContext:
     _shapes: dict = field(default_factory=dict)
     _paths: dict = field(default_factory=dict)
     _lipschitz: dict = field(default_factory=dict)
+    _rules: dict = field(default_factory=dict)
+    sealed: bool = False  # set by BoundPlan once compiled: an unseen module raises ModelChanged
+    _outputs: dict = field(default_factory=dict)  # (module, x_bound) -> output bound, within one evaluation
+    _drifts: dict = field(default_factory=dict)  # (module, key) -> PendingDrift of this evaluation
+    _norms: dict = field(default_factory=dict)  # (module, name) -> (tensor, float) of this evaluation
+    operator_requests: dict = field(default_factory=dict)  # (module, key) -> None, in first-use order
+    parameter_requests: dict = field(default_factory=dict)  # (module, name) -> None
 
     def __post_init__(self) -> None:
         self._paths = {module: path for path, module in self.model.named_modules()}
@@ -76,6 +86,14 @@ class BoundContext:
             self._shapes = self.shapes
         elif self.input_shape is not None:
             self._shapes = record_shapes(self.model, tuple(self.input_shape))
+
+    def begin(self, weights: dict | None, drifts: dict, norms: dict) -> None:
+        """Start one evaluation at new weights, with the norms measured for it (possibly none)."""
+        self.weights = weights
+        self._lipschitz = {}
+        self._outputs = {}
+        self._drifts = drifts
+        self._norms = norms
 
     def path(self, module: nn.Module) -> str:
         return self._paths.get(module, "") or "<model>"
@@ -104,32 +122,49 @@ class BoundContext:
             return self.weights[module]
         return module.weight
 
+    def operator_norm(self, module: nn.Module, key: object, exact, frobenius_factor: float) -> float:
+        """Certified ``||op(W)||`` of the module's current weight W (``CertifiedNormCache.bound``: exact(W0) +
+        c ||W - W0||_F, Weyl), with the drift measured in this evaluation's batch when there is one."""
+        self.operator_requests.setdefault((module, key))
+        return self.norm_cache.bound(module, key, self.weight(module), exact, frobenius_factor,
+                                     drift=self._drifts.get((module, key)), path=self._paths.get(module, ""))
+
+    def parameter_norm(self, module: nn.Module, name: str) -> float:
+        """``||module.<name>||_2`` in float64 (e.g. a bias), from this evaluation's batch when measured there."""
+        self.parameter_requests.setdefault((module, name))
+        tensor = getattr(module, name)
+        measured = self._norms.get((module, name))
+        if measured is not None and measured[0] is tensor:
+            return measured[1]
+        return tensor.detach().to(torch.float64).norm().item()
+
     def rule(self, module: nn.Module) -> BoundRule:
-        """The bound rule of ``module``; raises ``UnsupportedModuleError`` naming its path and the fix."""
-        path = self.path(module)
-        if isinstance(module, LipschitzModule):
-            rule = PROTOCOL_ADAPTER
-        else:
-            rule = find_rule(module)
+        """The bound rule of ``module``, resolved (and its configuration checked) once per context; raises
+        ``UnsupportedModuleError`` naming its path and the fix."""
+        rule = self._rules.get(module)
         if rule is None:
-            refusal = refusal_for(module)
-            if refusal is None:
-                refusal = (
-                    "lipdp does not know this module type, so it cannot bound its gradients.",
-                    "use lipdp/orthogonium layers, implement lipschitz/output_bound/param_sensitivities on the "
-                    "module, or register a rule with @lipdp.register_bound_rule(YourModule).",
-                )
-            raise UnsupportedModuleError(path, module, *refusal)
-        rule.check(module, path)
+            if self.sealed:
+                raise ModelChanged(f"{type(module).__name__} was not in the model when its bound plan was built")
+            rule = resolve_rule(module, self.path(module))
+            self._rules[module] = rule
         return rule
 
+    def resolved_rules(self) -> list[tuple[nn.Module, BoundRule, str]]:
+        """(module, rule, path) of every module resolved so far (the plan re-checks them at each evaluation)."""
+        return [(module, rule, self.path(module)) for module, rule in self._rules.items()]
+
     def lipschitz(self, module: nn.Module) -> float:
+        """Certified Lip(module), memoised within one evaluation."""
         if module not in self._lipschitz:
             self._lipschitz[module] = float(self.rule(module).lipschitz(module, self))
         return self._lipschitz[module]
 
     def output_bound(self, module: nn.Module, x_bound: float) -> float:
-        return float(self.rule(module).output_bound(module, x_bound, self))
+        """Bound on ||module(a)|| for ||a|| <= x_bound, memoised within one evaluation."""
+        key = (module, x_bound)
+        if key not in self._outputs:
+            self._outputs[key] = float(self.rule(module).output_bound(module, x_bound, self))
+        return self._outputs[key]
 
     def param_sensitivities(self, module: nn.Module, x_bound: float, grad_bound: float) -> dict[str, float]:
         return self.rule(module).param_sensitivities(module, x_bound, grad_bound, self)

@@ -1,6 +1,6 @@
 """The bound protocol and the registry that gives foreign modules (torch, orthogonium) the same rules.
 
-Every supported module answers three questions from its *current* weights (DESIGN.md §2):
+Every supported module answers three questions from its *current* weights (docs/design.md §2):
 
 * ``lipschitz(module, ctx)``: a certified upper bound of its Lipschitz constant (the real operator);
 * ``output_bound(module, x_bound, ctx)``: a bound on ``||h(a)||`` for any ``||a|| <= x_bound``;
@@ -17,6 +17,7 @@ family (``rules_linear.py``, ``rules_conv.py``, ...).
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
 
 from torch import nn
@@ -83,6 +84,28 @@ def register_bound_rule(*module_types: type) -> Callable[[type[BoundRule]], type
     return decorate
 
 
+_DEFERRED: list[tuple[str, str, type[BoundRule]]] = []
+
+
+def register_deferred_bound_rule(module_name: str, type_name: str) -> Callable[[type[BoundRule]], type[BoundRule]]:
+    """Class decorator: the rule for ``module_name.type_name``, registered as soon as that module is imported
+    (by anyone), without importing it here."""
+
+    def decorate(rule_class: type[BoundRule]) -> type[BoundRule]:
+        _DEFERRED.append((module_name, type_name, rule_class))
+        return rule_class
+
+    return decorate
+
+
+def _register_deferred() -> None:
+    for entry in list(_DEFERRED):
+        loaded = sys.modules.get(entry[0])
+        if loaded is not None and hasattr(loaded, entry[1]):
+            register_bound_rule(getattr(loaded, entry[1]))(entry[2])
+            _DEFERRED.remove(entry)
+
+
 # Methods that define what a module computes. A rule registered for a class describes that class's
 # computation; a subclass that redefines one of them (e.g. an ``nn.Sequential`` subclass whose forward adds a
 # skip connection, whose Lipschitz constant is 1 + Lip(f), not Lip(f)) computes something else.
@@ -111,6 +134,8 @@ def find_rule(module: nn.Module) -> BoundRule | None:
     A subclass inherits its base's rule only if it keeps the base's computation (does not redefine
     ``forward``/``_conv_forward``); orthogonium's layers only change how ``weight`` is built, so they do.
     """
+    if _DEFERRED:
+        _register_deferred()
     base = _registered_base(module)
     if base is None or _overridden_method(module, base) is not None:
         return None
@@ -140,6 +165,35 @@ class _ProtocolAdapter(BoundRule):
 
 
 PROTOCOL_ADAPTER = _ProtocolAdapter()
+
+_PROTOCOL_TYPES: dict[type, bool] = {}
+
+
+def _implements_protocol(module: nn.Module) -> bool:
+    """``isinstance(module, LipschitzModule)``, memoised per class when the methods come from the class (a runtime
+    ``Protocol`` check costs tens of microseconds; instance attributes are checked each time)."""
+    cls = type(module)
+    if cls not in _PROTOCOL_TYPES:
+        _PROTOCOL_TYPES[cls] = all(callable(getattr(cls, name, None))
+                                   for name in ("lipschitz", "output_bound", "param_sensitivities"))
+    return _PROTOCOL_TYPES[cls] or isinstance(module, LipschitzModule)
+
+
+def resolve_rule(module: nn.Module, path: str) -> BoundRule:
+    """The rule of ``module`` (its own protocol methods, else the registry's rule for its type), after checking
+    the instance's configuration; ``UnsupportedModuleError`` naming ``path`` and the fix otherwise."""
+    rule = PROTOCOL_ADAPTER if _implements_protocol(module) else find_rule(module)
+    if rule is None:
+        refusal = refusal_for(module)
+        if refusal is None:
+            refusal = (
+                "lipdp does not know this module type, so it cannot bound its gradients.",
+                "use lipdp/orthogonium layers, implement lipschitz/output_bound/param_sensitivities on the "
+                "module, or register a rule with @lipdp.register_bound_rule(YourModule).",
+            )
+        raise UnsupportedModuleError(path, module, *refusal)
+    rule.check(module, path)
+    return rule
 
 
 # Modules refused on purpose, with the fix a user can act on.

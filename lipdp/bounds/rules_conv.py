@@ -1,7 +1,7 @@
 """Bound rule for 2-D convolutions (``nn.Conv2d`` and orthogonium's ``AdaptiveOrthoConv2d`` family).
 
 Lip: the certified norm of the real operator on this input size (``spectral.conv2d_operator_norm``).
-One sample's gradients, with g the gradient at the output and x the input (DESIGN.md §2):
+One sample's gradients, with g the gradient at the output and x the input (docs/design.md §2):
 dL/dW[:, :, a, b] = sum_i g_i x_{s i + d (a,b) - p}^T, hence ||dL/dW||_F <= sqrt(m) ||g|| ||x|| <= sqrt(m) G X,
 where m = max number of (tap, output position) pairs reading one input pixel (``patch_count``:
 ceil(kh/s) ceil(kw/s) for stride s without dilation or wrap-around).
@@ -35,19 +35,14 @@ class Conv2dRule(BoundRule):
     def lipschitz(self, module: nn.Conv2d, ctx) -> float:
         geometry = self._geometry(module, ctx)
         count = geometry.patch_count(tuple(module.kernel_size))
-        return ctx.norm_cache.bound(
-            module,
-            geometry,
-            ctx.weight(module),
-            lambda weight: conv2d_operator_norm(weight, geometry),
-            frobenius_factor=math.sqrt(count),
-        )
+        return ctx.operator_norm(module, geometry, lambda weight: conv2d_operator_norm(weight, geometry),
+                                 frobenius_factor=math.sqrt(count))
 
     def output_bound(self, module: nn.Conv2d, x_bound: float, ctx) -> float:
         bound = ctx.lipschitz(module) * x_bound
         if module.bias is not None:
             positions = math.prod(ctx.output_shape_of(module)[-2:])
-            bound += math.sqrt(positions) * module.bias.detach().norm().item()
+            bound += math.sqrt(positions) * ctx.parameter_norm(module, "bias")
         return bound
 
     def param_sensitivities(self, module: nn.Conv2d, x_bound: float, grad_bound: float, ctx) -> dict[str, float]:

@@ -2,7 +2,8 @@
 
 h(a) = W a + b, applied by torch to the last axis of the input: one sample of shape (*S, n_in) is P = prod(S)
 vectors a_p (P = 1 for a flat input), each mapped to W a_p + b.
-Lip = ||W||_2 (block diagonal over the P positions; exact SVD, cached with Weyl drift).
+Lip = ||W||_2 (block diagonal over the P positions): exact SVD every K steps, Weyl drift in between
+(``spectral.CertifiedNormCache``: ||W||_2 <= ||W0||_2 + ||W - W0||_F).
 Output: ||h(a)|| <= ||W||_2 X + sqrt(P) ||b|| (the bias is added at P positions).
 One sample's gradients, with g_p the gradient at output position p and ||g||^2 = sum_p ||g_p||^2 <= G^2:
 dL/dW = sum_p g_p a_p^T, so ||dL/dW||_F <= sum_p ||g_p|| ||a_p|| <= ||g|| ||a|| <= G X (Cauchy-Schwarz);
@@ -29,12 +30,12 @@ def _bias_positions(module: nn.Linear, ctx) -> int:
 @register_bound_rule(nn.Linear)
 class LinearRule(BoundRule):
     def lipschitz(self, module: nn.Linear, ctx) -> float:
-        return ctx.norm_cache.bound(module, "dense", ctx.weight(module), dense_operator_norm, frobenius_factor=1.0)
+        return ctx.operator_norm(module, "dense", dense_operator_norm, frobenius_factor=1.0)
 
     def output_bound(self, module: nn.Linear, x_bound: float, ctx) -> float:
         bound = ctx.lipschitz(module) * x_bound
         if module.bias is not None:
-            bound += math.sqrt(_bias_positions(module, ctx)) * module.bias.detach().norm().item()
+            bound += math.sqrt(_bias_positions(module, ctx)) * ctx.parameter_norm(module, "bias")
         return bound
 
     def param_sensitivities(self, module: nn.Linear, x_bound: float, grad_bound: float, ctx) -> dict[str, float]:

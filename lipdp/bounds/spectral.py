@@ -9,10 +9,11 @@
   output wraps around (the real operator is then a compression of that circulant: norm <= the circulant's).
 * Every bound gets a relative slack of 1e-6 for floating point error.
 
-``CertifiedNormCache`` keeps a bound valid cheaply while weights move (DESIGN.md §2): after an exact
+``CertifiedNormCache`` keeps a bound valid cheaply while weights move (docs/design.md §2): after an exact
 computation at weights W0, ``||op(W)|| <= ||op(W0)|| + c * ||W - W0||_F`` (Weyl's inequality), where
 ``c * ||.||_F`` bounds the operator norm of any kernel (c = 1 for dense layers, c = sqrt(max patch count) for
-convolutions). The expensive computation is redone only when the drift term exceeds a tolerance.
+convolutions). The expensive computation is redone every K optimizer steps, or sooner when the drift term
+exceeds a tolerance.
 """
 
 from __future__ import annotations
@@ -161,17 +162,89 @@ def conv2d_operator_norm(kernel: torch.Tensor, geometry: ConvGeometry) -> float:
     return norm * math.sqrt(multiplicity) * (1 + FLOAT_SLACK)
 
 
-class CertifiedNormCache:
-    """Keeps a certified operator-norm bound per (module, geometry) valid as weights move (Weyl).
+def _matches(reference: torch.Tensor, weight: torch.Tensor) -> bool:
+    return reference.shape == weight.shape and reference.dtype == weight.dtype and reference.device == weight.device
 
-    ``bound = exact(W0) + frobenius_factor * ||W - W0||_F``; recomputed exactly when the drift term exceeds
-    ``refresh_tolerance * exact(W0)``. Sound at every call: the drift term is never skipped.
+
+def _drift_slack(dtype: torch.dtype) -> float:
+    """Factor that makes the measured ||fl(W - W0)||_F an upper bound of the exact ||W - W0||_F: the difference
+    is rounded once in ``dtype`` (|fl(a - b) - (a - b)| <= u |a - b|, u = eps / 2, exact when subnormal), so
+    ||W - W0|| <= ||fl(W - W0)|| / (1 - u) <= (1 + eps) ||fl(W - W0)||; the float64 norm adds a relative error
+    far below ``FLOAT_SLACK``."""
+    return (1 + torch.finfo(dtype).eps) * (1 + FLOAT_SLACK)
+
+
+@dataclass(eq=False)
+class _Reference:
+    """One exact computation: the weight W0 it was made at (a copy), its certified norm, and when."""
+
+    weight: torch.Tensor
+    norm: float
+    refreshed_at: int
+
+
+@dataclass(eq=False)
+class PendingDrift:
+    """``||W - W0||_F`` measured on the device (``tensor``, float64, no host sync yet) against ``reference``, for
+    the tensor ``weight``; ``CertifiedNormCache.bound`` uses ``value`` (the host copy) only for that same pair."""
+
+    reference: _Reference
+    weight: torch.Tensor
+    tensor: torch.Tensor
+    value: float | None = None
+
+
+class CertifiedNormCache:
+    """Keeps a certified operator-norm bound per (module, key) valid as the weights move (docs/design.md §2).
+
+    After an exact computation at weights W0: ``||op(W)|| <= ||op(W0)|| + c ||W - W0||_F`` (Weyl's inequality for
+    singular values; c = ``frobenius_factor`` bounds ||op(K)|| / ||K||_F for every kernel K: 1 for dense layers,
+    sqrt(max patch count) for convolutions). The drift term is measured with its rounding covered
+    (``_drift_slack``: one rounding of the difference in the weight's dtype, a float64 norm) and never skipped,
+    so the bound is sound at every call and only ever >= the exact one.
+
+    The exact computation (SVD, FFT) is redone when ``refresh_every`` optimizer steps (``advance``) have passed
+    since the last one, or when the drift term exceeds ``refresh_tolerance * ||op(W0)||``; in between a step costs
+    O(#parameters). ``state_dict`` keeps the references so that a resumed run takes the same decisions (its exact
+    norms are recomputed from the saved W0 at load, never trusted from the file).
     """
 
-    def __init__(self, refresh_tolerance: float = 0.01) -> None:
-        self.refresh_tolerance = refresh_tolerance
-        self._entries: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+    def __init__(self, refresh_tolerance: float = 0.01, refresh_every: int = 20) -> None:
+        if not refresh_tolerance >= 0:
+            raise ValueError(f"refresh_tolerance must be >= 0, got {refresh_tolerance}")
+        if not (isinstance(refresh_every, int) and refresh_every >= 1):
+            raise ValueError(f"refresh_every must be an integer >= 1, got {refresh_every!r}")
+        self.refresh_tolerance = float(refresh_tolerance)
+        self.refresh_every = refresh_every
+        self.steps = 0
         self.exact_computations = 0
+        self._entries: "weakref.WeakKeyDictionary[torch.nn.Module, dict[object, _Reference]]" = (
+            weakref.WeakKeyDictionary())
+        self._paths: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+        self._loaded: dict[tuple[str, str], tuple[torch.Tensor, int]] = {}
+
+    def advance(self) -> None:
+        """One optimizer step was taken (the clock of ``refresh_every``)."""
+        self.steps += 1
+
+    def pending_drifts(
+        self, requests: list[tuple[torch.nn.Module, object, torch.Tensor]]
+    ) -> list[PendingDrift | None]:
+        """Per (module, key, W): ``||W - W0||_F`` against its reference as a 0-dim float64 tensor on W's device
+        (None where there is no reference of W's shape and dtype), from batched calls: no host synchronisation
+        (the caller fetches all values at once). Rounding is covered by ``_DRIFT_SLACK`` in ``bound``."""
+        found = {}
+        for index, (module, key, weight) in enumerate(requests):
+            reference = self._entries.get(module, {}).get(key)
+            if reference is not None and _matches(reference.weight, weight):
+                found[index] = (reference, weight)
+        result: list[PendingDrift | None] = [None] * len(requests)
+        if found:
+            differences = torch._foreach_sub([w.detach() for _, w in found.values()],
+                                             [r.weight for r, _ in found.values()])
+            for index, norm in zip(found, torch._foreach_norm(differences, 2, dtype=torch.float64)):
+                result[index] = PendingDrift(*found[index], norm)
+        return result
 
     def bound(
         self,
@@ -180,19 +253,64 @@ class CertifiedNormCache:
         weight: torch.Tensor,
         exact: Callable[[torch.Tensor], float],
         frobenius_factor: float,
+        drift: PendingDrift | None = None,
+        path: str = "",
     ) -> float:
-        weight = weight.detach()
+        """Certified bound of ``||op(weight)||``: exact(W0) + c ||W - W0||_F, or a fresh exact computation.
+
+        ``drift``: a measurement from ``pending_drifts`` (used only if it is for this reference and this very
+        tensor); without one the drift is measured here. ``path``: the module's name, for ``state_dict``.
+        """
+        given, weight = weight, weight.detach()
         per_module = self._entries.setdefault(module, {})
-        entry = per_module.get(key)
-        if entry is not None and entry[0].shape == weight.shape:
-            reference, reference_norm = entry
-            drift = frobenius_factor * (weight - reference).to(torch.float64).norm().item()
-            if drift <= self.refresh_tolerance * reference_norm:
-                return reference_norm + drift
-        reference_norm = exact(weight)
+        reference = per_module.get(key)
+        if reference is None:
+            reference = self._adopt_loaded(path, key, weight, exact)
+            if reference is not None:
+                per_module[key] = reference
+                self._paths.setdefault(module, path)
+        if reference is not None and _matches(reference.weight, weight):
+            if drift is not None and drift.reference is reference and drift.weight is given and drift.value is not None:
+                measured = drift.value
+            else:
+                measured = torch.linalg.vector_norm(weight - reference.weight, dtype=torch.float64).item()
+            term = frobenius_factor * measured * _drift_slack(weight.dtype)
+            if self.steps - reference.refreshed_at < self.refresh_every and term <= self.refresh_tolerance * reference.norm:
+                return reference.norm + term
+        norm = exact(weight)
         self.exact_computations += 1
-        per_module[key] = (weight.clone(), reference_norm)
-        return reference_norm
+        per_module[key] = _Reference(weight.clone(), norm, self.steps)
+        self._paths.setdefault(module, path)
+        return norm
+
+    def _adopt_loaded(self, path, key, weight, exact) -> _Reference | None:
+        """A reference restored by ``load_state_dict`` for (path, key): its norm recomputed exactly from W0."""
+        saved = self._loaded.pop((path, repr(key)), None)
+        if saved is None:
+            return None
+        reference_weight, refreshed_at = saved
+        reference_weight = reference_weight.to(device=weight.device, dtype=weight.dtype)
+        if not _matches(reference_weight, weight):
+            return None
+        self.exact_computations += 1
+        return _Reference(reference_weight, exact(reference_weight), refreshed_at)
+
+    def state_dict(self) -> dict:
+        """The step clock and every reference W0 (on the CPU), keyed by (module path, repr(key))."""
+        references = {}
+        for module, per_module in self._entries.items():
+            path = self._paths.get(module, "")
+            for key, reference in per_module.items():
+                references[(path, repr(key))] = (reference.weight.cpu(), reference.refreshed_at)
+        references.update({k: v for k, v in self._loaded.items() if k not in references})
+        return {"steps": self.steps, "references": references}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict``'s clock and references; each is adopted (norm recomputed) at its next use."""
+        self._entries = weakref.WeakKeyDictionary()
+        self._paths = weakref.WeakKeyDictionary()
+        self.steps = int(state["steps"])
+        self._loaded = {tuple(k): (w, int(at)) for k, (w, at) in state["references"].items()}
 
 
 DEFAULT_CACHE = CertifiedNormCache()
