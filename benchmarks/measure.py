@@ -49,6 +49,9 @@ METHODS = {
     "opacus-hooks": "GroupNorm CNN, SGD, Opacus hooks",
     "opacus-functorch": "GroupNorm CNN, SGD, Opacus functorch",
 }
+#: Models of the plain-orthogonal / lipdp methods: the orthogonal CNN, or a dense MLP (InputNormClip ->
+#: Linear(d, 128) -> MaxMin -> Linear(128, classes), plain torch layers, d = prod(input_shape)).
+MODELS = ("orthogonal-cnn", "mlp")
 #: Records in the (virtual) training set: the sample rate is batch_size / this (Fashion-MNIST's size).
 DATASET_SIZE = 60_000
 
@@ -65,6 +68,9 @@ class Configuration:
     num_classes: int = 10
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
     seed: int = 0
+    model: str = "orthogonal-cnn"  # for plain-orthogonal / lipdp: one of MODELS
+    compile: bool = False  # torch.compile the model (both sides alike)
+    device: str = "cpu"
 
 
 @dataclass
@@ -111,36 +117,52 @@ def _cap_address_space(memory_limit_bytes: int) -> None:
 def build_step(config: Configuration) -> Callable[[], None]:
     """Set up ``config.method`` and return a function that runs one full training step on a fixed batch."""
     import torch
+    from orthogonium.layers import MaxMin
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
     from lipdp import LipDPEngine
+    from lipdp.layers import InputNormClip
     from lipdp.losses import LipschitzCrossEntropy
     from lipdp.models import orthogonal_cnn
     from recipes.opacus_baseline import groupnorm_cnn, make_private
 
     if config.method not in METHODS:
         raise ValueError(f"unknown method {config.method!r}; choose from {', '.join(METHODS)}")
+    if config.model not in MODELS:
+        raise ValueError(f"unknown model {config.model!r}; choose from {', '.join(MODELS)}")
     torch.manual_seed(config.seed)
-    shape, batch = config.input_shape, config.batch_size
-    x = torch.rand(batch, *shape)
-    y = torch.randint(config.num_classes, (batch,))
+    shape, batch, device = config.input_shape, config.batch_size, torch.device(config.device)
+    x = torch.rand(batch, *shape, device=device)
+    if config.compile:  # the input check cannot see the clip layer inside torch.compile's wrapper: norm <= 1
+        x = x / x.flatten(1).norm(dim=1).clamp_min(1.0).view(-1, *[1] * len(shape))
+    y = torch.randint(config.num_classes, (batch,), device=device)
     # A dataset of the right size that takes no memory: the loaders are only read for their sizes.
     virtual = TensorDataset(torch.zeros(1, *shape).expand(max(DATASET_SIZE, batch), *shape),
                             torch.zeros(1, dtype=torch.long).expand(max(DATASET_SIZE, batch)))
     loader = DataLoader(virtual, batch_size=batch)
 
     if config.method in ("plain-orthogonal", "lipdp"):
-        model = orthogonal_cnn(shape, config.num_classes)
+        if config.model == "mlp":
+            model = nn.Sequential(nn.Flatten(), InputNormClip(1.0), nn.Linear(math.prod(shape), 128), MaxMin(),
+                                  nn.Linear(128, config.num_classes))
+        else:
+            model = orthogonal_cnn(shape, config.num_classes)
+        model = model.to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         criterion = LipschitzCrossEntropy(temperature=8.0)
+        if config.compile:
+            model = torch.compile(model)
         if config.method == "lipdp":
             engine = LipDPEngine(accountant="prv", seed=config.seed)
             model, optimizer, _ = engine.make_private(
                 module=model, optimizer=optimizer, data_loader=loader, criterion=criterion, noise_multiplier=1.0,
                 input_norm_bound=1.0)
+            if device.type != "cpu":  # the mechanism draws on the gradients' device (DESIGN.md §3 "Device")
+                from lipdp.noise import GaussianNoise
+                engine.mechanism.noise = GaussianNoise(torch.Generator(device=device).manual_seed(config.seed + 1))
     else:
-        model = groupnorm_cnn(shape, config.num_classes)
+        model = groupnorm_cnn(shape, config.num_classes).to(device)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         criterion = nn.CrossEntropyLoss()
         if config.method.startswith("opacus-"):

@@ -1,14 +1,15 @@
-"""The cost of privacy in lipdp: its private step against the SAME model's non-private step.
+"""The cost of privacy in lipdp: its private step against the SAME model's non-private step, side by side.
 
-    python -m benchmarks.step_time                        # batches 256, 1024, 4096; rewrites RESULTS.md's section
-    python -m benchmarks.step_time --batch-sizes 64 --repeats 1 --steps 2 --warmup 1 --results /tmp/R.md
+    python -m benchmarks.step_time                     # every case below; rewrites RESULTS.md's section
+    python -m benchmarks.step_time --cases mlp:700 cnn:256 --rounds 30 --results /tmp/R.md
 
-Both sides train lipdp's orthogonal CNN with Adam and the Lipschitz cross-entropy (``benchmarks.measure``'s
-``plain-orthogonal`` and ``lipdp`` methods): orthogonium's layers back-propagate through their orthogonalisation
-in both. Each (batch size, side, repeat) is one process; the sides alternate in order from one repeat to the next
-so that slow drifts of the machine's load hit both alike. Time ratio = median of all lipdp step times / median of
-all plain step times (pooled over repeats); memory ratio = median peak RSS of lipdp / of plain.
-Targets (issue 4): time ratio <= 1.10, memory ratio <= 1.05.
+Cases: ``mlp:B`` (InputNormClip -> Linear(64, 128) -> MaxMin -> Linear(128, 10), plain torch layers, batch B),
+``cnn:B`` (lipdp's orthogonal CNN on 1x28x28, batch B), and ``mlp-compiled:B`` / ``cnn-compiled:B`` (the same
+model after ``torch.compile``, on both sides). Both sides use Adam and the Lipschitz cross-entropy
+(``benchmarks.measure.build_step``). Both sides of a case are built in ONE process and their steps interleaved
+(plain, private, private, plain, ...), so that load drifts of the machine hit both alike; the ratio is the median
+private step time over the median plain one, after warm-up steps. Target (issue 17): ratio <= 1.05 at every
+batch >= 64.
 """
 
 from __future__ import annotations
@@ -17,111 +18,106 @@ import argparse
 import logging
 import statistics
 import sys
+import time
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from benchmarks.measure import Configuration, Measurement, run_isolated
-from benchmarks.report import (
-    OUT_DIR, RESULTS, load_average, machine_paragraph, mebibytes, milliseconds, table, write_json, write_section,
-)
+from benchmarks.measure import Configuration, build_step
+from benchmarks.report import OUT_DIR, RESULTS, load_average, machine_paragraph, table, write_json, write_section
 
 logger = logging.getLogger(__name__)
 
-SIDES = ("plain-orthogonal", "lipdp")
-TIME_TARGET, MEMORY_TARGET = 1.10, 1.05
+TIME_TARGET = 1.05
 SECTION = "step_time"
+DEFAULT_CASES = ("mlp:64", "mlp:700", "mlp-compiled:700", "cnn:64", "cnn:256", "cnn:1024")
+MODELS = {"mlp": ("mlp", (64,)), "cnn": ("orthogonal-cnn", (1, 28, 28))}
 
 
-def run_pairs(batch_sizes: list[int], repeats: int, steps: int, warmup: int, threads: int | None,
-              timeout: float) -> list[Measurement]:
-    """Every (batch size, repeat) measures both sides, in alternating order."""
-    measurements = []
-    bar = tqdm(total=len(batch_sizes) * repeats * len(SIDES), desc="configurations")
-    for batch_size in batch_sizes:
-        for repeat in range(repeats):
-            for side in SIDES if repeat % 2 == 0 else reversed(SIDES):
-                bar.set_postfix(side=side, batch=batch_size)
-                config = Configuration(side, batch_size, steps=steps, warmup=warmup, threads=threads)
-                measurement = run_isolated(config, timeout=timeout)
-                if measurement.status != "ok":
-                    raise RuntimeError(f"{side} at batch {batch_size} did not run: {measurement.status}")
-                logger.info("%s batch %d: median %s ms, peak %s MiB", side, batch_size,
-                            milliseconds(measurement.median_step_seconds), mebibytes(measurement.peak_rss_bytes))
-                measurements.append(measurement)
-                bar.update()
-    bar.close()
-    return measurements
+def parse_case(text: str) -> tuple[str, bool, int]:
+    """``model[-compiled]:batch`` -> (model, compiled, batch)."""
+    name, _, batch = text.partition(":")
+    compiled = name.endswith("-compiled")
+    model = name.removesuffix("-compiled")
+    if model not in MODELS or not batch.isdigit() or int(batch) < 1:
+        raise argparse.ArgumentTypeError(f"a case is MODEL[-compiled]:BATCH with MODEL in {sorted(MODELS)}, got {text!r}")
+    return model, compiled, int(batch)
 
 
-def summarize(measurements: list[Measurement]) -> list[dict]:
-    """Per batch size: pooled median step times, median peak RSS and their lipdp / plain ratios."""
-    rows = []
-    for batch_size in sorted({m.configuration.batch_size for m in measurements}):
-        side = {name: [m for m in measurements if m.configuration.batch_size == batch_size
-                       and m.configuration.method == name] for name in SIDES}
-        time = {name: statistics.median([s for m in found for s in m.step_seconds]) for name, found in side.items()}
-        peak = {name: statistics.median([m.peak_rss_bytes for m in found]) for name, found in side.items()}
-        rows.append({"batch_size": batch_size, "plain_seconds": time["plain-orthogonal"],
-                     "lipdp_seconds": time["lipdp"], "time_ratio": time["lipdp"] / time["plain-orthogonal"],
-                     "plain_peak_rss_bytes": peak["plain-orthogonal"], "lipdp_peak_rss_bytes": peak["lipdp"],
-                     "memory_ratio": peak["lipdp"] / peak["plain-orthogonal"]})
-    return rows
+def measure_case(model: str, compiled: bool, batch: int, rounds: int, warmup: int, threads: int | None) -> dict:
+    """Median step time of each side over ``rounds`` interleaved steps (after ``warmup`` of each), one process."""
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    name, shape = MODELS[model]
+    steps = {side: build_step(Configuration(side, batch, input_shape=shape, model=name, compile=compiled))
+             for side in ("plain-orthogonal", "lipdp")}
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {side: [] for side in steps}
+    for round_ in range(rounds):
+        order = list(steps) if round_ % 2 == 0 else list(reversed(steps))
+        for side in order:
+            start = time.perf_counter()
+            steps[side]()
+            times[side].append(time.perf_counter() - start)
+    plain, private = statistics.median(times["plain-orthogonal"]), statistics.median(times["lipdp"])
+    return {"case": f"{model}{'-compiled' if compiled else ''}:{batch}", "model": model, "compiled": compiled,
+            "batch_size": batch, "rounds": rounds, "plain_seconds": plain, "lipdp_seconds": private,
+            "time_ratio": private / plain, "threads": torch.get_num_threads(), "times": times}
 
 
-def markdown(rows: list[dict], repeats: int, steps: int, warmup: int, threads: set[int],
-             load_at_start: list[float]) -> str:
+def markdown(rows: list[dict], rounds: int, warmup: int, load_at_start: list[float]) -> str:
     """The section of RESULTS.md."""
-    def verdict(value: float, target: float) -> str:
-        return f"{value:.3f} ({'meets' if value <= target else 'misses'} ≤ {target:.2f})"
-
-    body = [[str(r["batch_size"]), milliseconds(r["plain_seconds"]), milliseconds(r["lipdp_seconds"]),
-             verdict(r["time_ratio"], TIME_TARGET), mebibytes(r["plain_peak_rss_bytes"]),
-             mebibytes(r["lipdp_peak_rss_bytes"]), verdict(r["memory_ratio"], MEMORY_TARGET)] for r in rows]
+    body = [[r["case"], f"{1000 * r['plain_seconds']:.3f}", f"{1000 * r['lipdp_seconds']:.3f}",
+             f"{r['time_ratio']:.3f} ({'meets' if r['time_ratio'] <= TIME_TARGET else 'misses'} ≤ {TIME_TARGET:.2f})"]
+            for r in rows]
     return "\n".join([
         "## lipdp's private step against the same model's non-private step",
         "",
-        f"Generated by `python -m benchmarks.step_time`. lipdp's orthogonal CNN (widths 16/32/64), Adam, Lipschitz "
-        f"cross-entropy, synthetic 1x28x28 inputs; plain = the same without LipDPEngine. {repeats} process(es) per "
-        f"side and batch size, each timing {steps} steps after {warmup} warm-up steps; step times pooled, then the "
-        "median.",
+        "Generated by `python -m benchmarks.step_time`. Cases: `mlp` = InputNormClip → Linear(64, 128) → MaxMin → "
+        "Linear(128, 10) (plain torch layers); `cnn` = lipdp's orthogonal CNN (widths 16/32/64) on 1x28x28; "
+        "`-compiled` = after `torch.compile` on both sides; the number is the batch size. Adam, Lipschitz "
+        "cross-entropy, synthetic inputs; plain = the same without LipDPEngine. Both sides of a case in one process, "
+        f"steps interleaved (alternating order), {warmup} warm-up steps each, then the median of {rounds} steps each.",
         "",
-        machine_paragraph(threads, load_at_start),
+        machine_paragraph({r["threads"] for r in rows}, load_at_start),
         "",
-        table(["batch", "plain step (ms)", "lipdp step (ms)", "time ratio", "plain peak RSS (MiB)",
-               "lipdp peak RSS (MiB)", "memory ratio"], body),
+        table(["case", "plain step (ms)", "lipdp step (ms)", "time ratio"], body),
     ])
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.step_time",
-        description="Median step time and peak RSS of lipdp's private step over the same model's non-private step "
-                    "(targets: <= 1.10 and <= 1.05); writes a section of benchmarks/RESULTS.md and a JSON file.")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 1024, 4096], help="batch sizes to measure")
-    parser.add_argument("--repeats", type=int, default=3, help="processes per side and batch size (order alternates)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per process")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed ones")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads on both sides (default: torch's default)")
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed to one process")
+        description="Median step time of lipdp's private step over the same model's non-private step, measured "
+                    "side by side in one process (target <= 1.05); writes a section of benchmarks/RESULTS.md and JSON.")
+    parser.add_argument("--cases", type=parse_case, nargs="+", default=[parse_case(c) for c in DEFAULT_CASES],
+                        help="MODEL[-compiled]:BATCH, MODEL in mlp, cnn (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=40, help="timed steps per side")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per side first")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="markdown file whose section is rewritten")
     parser.add_argument("--json", type=Path, default=OUT_DIR / f"{SECTION}.json", help="raw measurements (JSON)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log each measurement")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each case")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Measure every case, print and write the RESULTS.md section and the JSON file."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     load_at_start = load_average()
-    measurements = run_pairs(args.batch_sizes, args.repeats, args.steps, args.warmup, args.threads, args.timeout)
-    rows = summarize(measurements)
-    threads = {m.threads for m in measurements}
-    body = markdown(rows, args.repeats, args.steps, args.warmup, threads, load_at_start)
+    rows = []
+    for model, compiled, batch in args.cases:
+        row = measure_case(model, compiled, batch, args.rounds, args.warmup, args.threads)
+        logger.info("%s: plain %.3f ms, lipdp %.3f ms, ratio %.3f", row["case"], 1000 * row["plain_seconds"],
+                    1000 * row["lipdp_seconds"], row["time_ratio"])
+        rows.append(row)
+    body = markdown(rows, args.rounds, args.warmup, load_at_start)
     print(body)
     write_section(SECTION, body, args.results)
-    write_json(args.json, {"summary": rows, "measurements": [m.to_dict() for m in measurements]})
+    write_json(args.json, {"summary": [{k: v for k, v in r.items() if k != "times"} for r in rows], "rows": rows})
     print(f"\nwrote {args.results} (section {SECTION}) and {args.json}")
     return 0
 
