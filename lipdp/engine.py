@@ -195,7 +195,7 @@ class LipDPEngine:
             self._hooks, self.mechanism = [], None
             raise
         self.model, self.data_loader = module, poisson_loader
-        self.optimizer = DPOptimizer(optimizer, self.mechanism)
+        self.optimizer = DPOptimizer(optimizer, self.mechanism, self.passes)
         return wrapper, self.optimizer, poisson_loader
 
     def make_private_with_epsilon(

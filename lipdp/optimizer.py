@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from lipdp.hooks import PassCounter
 from lipdp.mechanism import GradientMechanism
 
 #: Key of the mechanism's bound state in ``DPOptimizer.state_dict()``.
@@ -14,12 +15,16 @@ class DPOptimizer(torch.optim.Optimizer):
     """Wraps ``optimizer``; ``step()`` releases the noisy gradient (one accountant step) then steps.
 
     ``skip_next_step`` lets gradient accumulation over physical micro-batches take one noisy step per
-    logical batch (see ``LipDPEngine.virtual_batches``).
+    logical batch (see ``LipDPEngine.virtual_batches``). ``passes`` counts the backward passes through the model's
+    output since the last step (``lipdp.hooks``): a step that saw more than it accounts for is refused before
+    anything is released (``RepeatedPassError``).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, mechanism: GradientMechanism) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, mechanism: GradientMechanism,
+                 passes: PassCounter | None = None) -> None:
         self.original_optimizer = optimizer
         self.mechanism = mechanism
+        self.passes = passes if passes is not None else PassCounter()
         self.skip_next_step = False
         self._accumulating = False  # a step was skipped: the logical batch is not finished
 
@@ -65,18 +70,24 @@ class DPOptimizer(torch.optim.Optimizer):
         return f"DPOptimizer({self.original_optimizer!r})"
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients and start a new step (a no-op between micro-batches of one logical batch)."""
         if self._accumulating:
             return  # micro-batches of one logical batch accumulate until its (real) step
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
         self.mechanism.materialized.zero_grad()
+        self.passes.reset()
 
     def step(self, closure=None):
+        """Release the noisy gradient (one accountant step), then step the wrapped optimizer; refused, releasing
+        nothing, if the gradients passed through the output more often than accounted for."""
         if closure is not None:
             raise ValueError("DPOptimizer.step does not take a closure: compute the loss and call backward() first")
         if self.skip_next_step:
             self._accumulating = True
             return None
+        self.passes.check()
         self.mechanism.release()
+        self.passes.reset()
         self._accumulating = False
         result = self.original_optimizer.step()
         self.mechanism.materialized.invalidate()
