@@ -21,7 +21,7 @@ from typing import Sequence
 from lipdp.cli.errors import ArgumentParser, run_main
 
 #: Subcommand name -> module under ``lipdp.cli`` (the order of ``lipdp --help``).
-SUBCOMMANDS = {"train": "train", "budget": "budget", "bounds": "bounds", "demo": "demo", "audit": "audit"}
+SUBCOMMANDS = {"train": "train", "tune": "tune", "budget": "budget", "bounds": "bounds", "demo": "demo", "audit": "audit"}
 PROG = "lipdp"
 
 
