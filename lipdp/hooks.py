@@ -22,6 +22,7 @@ from a prior) are declared with ``public_data()``: their gradients are still cli
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from typing import Iterator
 
@@ -70,13 +71,15 @@ class InputGuard:
                 f"input of shape {tuple(x.shape)} does not match the per-sample shape {self.input_shape} the bounds "
                 "were computed for. Fix: reshape the data, or make the model private again with input_shape=..."
             )
-        # One reduction instead of a mask: a sum is finite only if every term is (an overflowing sum of finite
-        # values falls through to the exact check).
-        if not torch.isfinite(x.detach().sum()) and not torch.isfinite(x).all():
+        if x.shape[0] == 0:
+            return
+        # One reduction and one host transfer for both checks: the largest sample norm is NaN or inf iff a sample
+        # holds a NaN or an inf (or overflows its norm, which the exact check below tells apart).
+        largest = x.detach().flatten(1).norm(dim=1).max().item()
+        if not math.isfinite(largest) and not torch.isfinite(x).all():
             raise ValueError("input contains NaN or inf values. Fix: clean or impute the data before training.")
-        if not self.model_clips_inputs and x.shape[0] > 0:
-            largest = x.detach().flatten(1).norm(dim=1).max().item()
-            if largest > self.input_norm_bound * (1 + NORM_TOLERANCE):
+        if not self.model_clips_inputs:
+            if not largest <= self.input_norm_bound * (1 + NORM_TOLERANCE):
                 raise ValueError(
                     f"a sample has L2 norm {largest:.4g} > input_norm_bound={self.input_norm_bound}: the privacy "
                     "bound would not hold. Fix: start the model with lipdp.layers.InputNormClip("
