@@ -31,14 +31,17 @@ class DPOptimizer(torch.optim.Optimizer):
     # Delegate the optimizer interface to the wrapped optimizer.
     @property
     def param_groups(self):
+        """The wrapped optimizer's ``param_groups``."""
         return self.original_optimizer.param_groups
 
     @property
     def state(self):
+        """The wrapped optimizer's ``state``."""
         return self.original_optimizer.state
 
     @property
     def defaults(self):
+        """The wrapped optimizer's ``defaults``."""
         return self.original_optimizer.defaults
 
     def state_dict(self) -> dict:

@@ -103,6 +103,7 @@ class BoundReport:
     sizes: dict[str, int]
 
     def to_text(self) -> str:
+        """A text table of each parameter's size and Delta, then the model's Lipschitz and output-norm bounds."""
         width = max([len(name) for name in self.sensitivities] + [9])
         lines = [f"{'parameter':<{width}}  {'size':>8}  {'Delta (per-sample grad norm bound)':>34}"]
         for name, value in self.sensitivities.items():

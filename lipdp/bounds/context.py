@@ -96,6 +96,7 @@ class BoundContext:
         self._norms = norms
 
     def path(self, module: nn.Module) -> str:
+        """The module's dotted path in the model (``"<model>"`` for the root or an unknown module)."""
         return self._paths.get(module, "") or "<model>"
 
     def input_shape_of(self, module: nn.Module) -> tuple[int, ...]:
@@ -113,6 +114,7 @@ class BoundContext:
         return self._shapes[module][0]
 
     def output_shape_of(self, module: nn.Module) -> tuple[int, ...]:
+        """Per-sample output shape of ``module``; the same errors as ``input_shape_of``."""
         self.input_shape_of(module)
         return self._shapes[module][1]
 
@@ -167,15 +169,19 @@ class BoundContext:
         return self._outputs[key]
 
     def param_sensitivities(self, module: nn.Module, x_bound: float, grad_bound: float) -> dict[str, float]:
+        """The module rule's per-parameter gradient bounds (names relative to it), from input bound x_bound and
+        output-gradient bound grad_bound."""
         return self.rule(module).param_sensitivities(module, x_bound, grad_bound, self)
 
     # --- chains -------------------------------------------------------------------------------
     def chain_output_bound(self, modules: list[nn.Module], x_bound: float) -> float:
+        """Output bound of a chain: X_d = out_d(X_{d-1}) applied in order, starting from X_0 = x_bound."""
         for module in modules:
             x_bound = self.output_bound(module, x_bound)
         return x_bound
 
     def chain_lipschitz(self, modules: list[nn.Module]) -> float:
+        """Lip of a chain: prod_d Lip(h_d)."""
         return math.prod(self.lipschitz(module) for module in modules)
 
     def chain_sensitivities(

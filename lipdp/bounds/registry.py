@@ -41,11 +41,15 @@ class UnsupportedModuleError(ValueError):
 class LipschitzModule(Protocol):
     """What lipdp's own layers implement (foreign modules get the same through a ``BoundRule``)."""
 
-    def lipschitz(self, ctx: "BoundContext") -> float: ...
+    def lipschitz(self, ctx: "BoundContext") -> float:
+        """A certified upper bound of the layer's Lipschitz constant (the real operator, current weights)."""
 
-    def output_bound(self, x_bound: float, ctx: "BoundContext") -> float: ...
+    def output_bound(self, x_bound: float, ctx: "BoundContext") -> float:
+        """A bound on ||h(a)|| for any ||a|| <= x_bound."""
 
-    def param_sensitivities(self, x_bound: float, grad_bound: float, ctx: "BoundContext") -> dict[str, float]: ...
+    def param_sensitivities(self, x_bound: float, grad_bound: float, ctx: "BoundContext") -> dict[str, float]:
+        """Per parameter (name relative to the layer), a bound on one sample's gradient norm, given the input
+        bound x_bound and the output-gradient bound grad_bound."""
 
 
 class BoundRule:
@@ -55,14 +59,18 @@ class BoundRule:
         """Raise ``UnsupportedModuleError`` if this instance's configuration is not supported."""
 
     def lipschitz(self, module: nn.Module, ctx: "BoundContext") -> float:
+        """Certified Lip(module); default 1."""
         return 1.0
 
     def output_bound(self, module: nn.Module, x_bound: float, ctx: "BoundContext") -> float:
+        """Bound on ||h(a)|| for ||a|| <= x_bound; default Lip(module) * x_bound."""
         return ctx.lipschitz(module) * x_bound
 
     def param_sensitivities(
         self, module: nn.Module, x_bound: float, grad_bound: float, ctx: "BoundContext"
     ) -> dict[str, float]:
+        """Per-parameter bounds on one sample's gradient norm (names relative to the module);
+        default none (no parameters)."""
         return {}
 
     def children(self, module: nn.Module) -> list[nn.Module]:
@@ -221,6 +229,8 @@ KNOWN_UNSUPPORTED: dict[tuple[type, ...], tuple[str, str]] = {
 
 
 def refusal_for(module: nn.Module) -> tuple[str, str] | None:
+    """(reason, fix) for a module refused on purpose (it redefines forward/_conv_forward below a registered base, or
+    is a ``KNOWN_UNSUPPORTED`` type), else None."""
     base = _registered_base(module)
     if base is not None:
         method = _overridden_method(module, base)

@@ -10,16 +10,23 @@ from lipdp.bounds.registry import BoundRule, register_bound_rule, register_defer
 
 @register_bound_rule(nn.Sequential)
 class SequentialRule(BoundRule):
+    """``nn.Sequential``: the chain rule (``BoundContext.chain_*``) over its children, in order."""
+
     def lipschitz(self, module: nn.Sequential, ctx) -> float:
+        """Lip = prod_d Lip(h_d) over the children."""
         return ctx.chain_lipschitz(list(module))
 
     def output_bound(self, module: nn.Sequential, x_bound: float, ctx) -> float:
+        """X_d = out_d(X_{d-1}) through the children, from X_0 = x_bound."""
         return ctx.chain_output_bound(list(module), x_bound)
 
     def param_sensitivities(self, module: nn.Sequential, x_bound: float, grad_bound: float, ctx) -> dict[str, float]:
+        """Children's sensitivities keyed ``<child>.<param>``: child d gets (X_{d-1}, G_d), G_D = grad_bound,
+        G_{d-1} = G_d * Lip(h_d)."""
         return ctx.chain_sensitivities(list(module.named_children()), x_bound, grad_bound)
 
     def children(self, module: nn.Sequential) -> list[nn.Module]:
+        """The children, in order (validated in turn)."""
         return list(module)
 
 

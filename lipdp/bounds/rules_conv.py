@@ -21,7 +21,11 @@ from lipdp.bounds.spectral import ConvGeometry, conv2d_operator_norm
 
 @register_bound_rule(nn.Conv2d)
 class Conv2dRule(BoundRule):
+    """``nn.Conv2d`` (and subclasses keeping its forward): Lip = certified operator norm;
+    weight sqrt(m) G X, bias sqrt(P_out) G."""
+
     def check(self, module: nn.Conv2d, path: str) -> None:
+        """Refuse reflect/replicate padding: only padding_mode 'zeros' or 'circular'."""
         if module.padding_mode not in ("zeros", "circular"):
             raise UnsupportedModuleError(
                 path, module, f"padding_mode={module.padding_mode!r} copies pixels and raises the Lipschitz constant.",
@@ -33,12 +37,15 @@ class Conv2dRule(BoundRule):
         return ConvGeometry.of(module, ctx.input_shape_of(module)[-2:])
 
     def lipschitz(self, module: nn.Conv2d, ctx) -> float:
+        """Lip = certified ||conv||_2 on this input size (FFT, ``conv2d_operator_norm``), with Weyl drift
+        c = sqrt(m) between exact computations."""
         geometry = self._geometry(module, ctx)
         count = geometry.patch_count(tuple(module.kernel_size))
         return ctx.operator_norm(module, geometry, lambda weight: conv2d_operator_norm(weight, geometry),
                                  frobenius_factor=math.sqrt(count))
 
     def output_bound(self, module: nn.Conv2d, x_bound: float, ctx) -> float:
+        """Lip * X + sqrt(P_out) ||b|| (the bias term only with a bias; P_out output positions)."""
         bound = ctx.lipschitz(module) * x_bound
         if module.bias is not None:
             positions = math.prod(ctx.output_shape_of(module)[-2:])
@@ -46,6 +53,8 @@ class Conv2dRule(BoundRule):
         return bound
 
     def param_sensitivities(self, module: nn.Conv2d, x_bound: float, grad_bound: float, ctx) -> dict[str, float]:
+        """weight: sqrt(m) * G * X_{in} (||G^T U||_F <= ||G||_F ||U||_F, m = ``patch_count``);
+        bias: sqrt(P_out) * G."""
         geometry = self._geometry(module, ctx)
         count = geometry.patch_count(tuple(module.kernel_size))
         bounds = {"weight": math.sqrt(count) * grad_bound * x_bound}

@@ -29,13 +29,19 @@ class NonExpansiveRule(BoundRule):
 
 @register_bound_rule(nn.LeakyReLU)
 class LeakyReLURule(BoundRule):
+    """``nn.LeakyReLU``: Lip = max(1, |slope|), ||h(a)|| <= Lip ||a||, no parameters."""
+
     def lipschitz(self, module: nn.LeakyReLU, ctx) -> float:
+        """Lip = max(1, |negative_slope|)."""
         return max(1.0, abs(module.negative_slope))
 
 
 @register_bound_rule(nn.Dropout)
 class DropoutRule(BoundRule):
+    """``nn.Dropout``: the identity in eval mode (or with p = 0); refused in training mode with p > 0."""
+
     def check(self, module: nn.Dropout, path: str) -> None:
+        """Refuse training mode with p > 0 (random rescaling by 1/(1-p))."""
         if module.training and module.p > 0:
             raise UnsupportedModuleError(
                 path, module, "dropout in training mode rescales activations at random by 1/(1-p).",
@@ -45,11 +51,16 @@ class DropoutRule(BoundRule):
 
 @register_bound_rule(nn.MaxPool2d)
 class MaxPool2dRule(BoundRule):
+    """``nn.MaxPool2d``: Lip = sqrt(m), m the most windows one input pixel is in; ||h(a)|| <= sqrt(m) ||a||."""
+
     def check(self, module: nn.MaxPool2d, path: str) -> None:
+        """Refuse return_indices=True (the output is a tuple)."""
         if module.return_indices:
             raise UnsupportedModuleError(path, module, "return_indices=True returns a tuple.", "set return_indices=False.")
 
     def lipschitz(self, module: nn.MaxPool2d, ctx) -> float:
+        """Lip = sqrt(m), m = max number of real output windows reading one input pixel (recorded output size,
+        so ceil_mode counts; 1 when kernel == stride)."""
         pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
         padding = pair(module.padding)
         geometry = ConvGeometry(

@@ -47,6 +47,8 @@ class ConvGeometry:
 
     @staticmethod
     def of(module: torch.nn.Conv2d, input_hw: tuple[int, int]) -> "ConvGeometry":
+        """The geometry of ``module`` on inputs of spatial size ``input_hw``; ValueError for reflect/replicate
+        padding."""
         left, right, top, bottom = module._reversed_padding_repeated_twice
         if module.padding_mode not in ("zeros", "circular"):
             raise ValueError(
@@ -63,6 +65,7 @@ class ConvGeometry:
         )
 
     def output_hw(self, kernel_hw: tuple[int, int]) -> tuple[int, int]:
+        """Output spatial size for ``kernel_hw``: (n + pad - d (k - 1) - 1) // s + 1 per axis."""
         (top, bottom, left, right) = self.padding
         pads = (top + bottom, left + right)
         return tuple(
