@@ -239,7 +239,7 @@ def test_cli_mistakes_are_one_line():
 def test_lipdp_tune_on_digits_end_to_end(tmp_path):
     path = tmp_path / "tune.json"
     result = run("-m", "lipdp.cli", "tune", "--dataset", "digits", "--epsilon", "3", "--json", str(path),
-                 "--no-progress", timeout=600)
+                 "--epochs", "3", "6", "--mean-trials", "2", "--no-progress", timeout=600)
     assert result.returncode == 0, result.stderr
     record = json.loads(path.read_text())
     assert record["epsilon"] <= 3.0 and record["trials"] >= 1
