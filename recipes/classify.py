@@ -12,8 +12,12 @@ the channels' second moments, both released once by the Gaussian mechanism (``Li
 same (epsilon, delta)), each followed by a rescaling to norm 1. Heads: ``linear`` (one dense layer: its per-sample
 gradient bound is L * X0 whatever its weights) or ``cnn`` (orthogonal CNN from lipdp.models, on ``pixels``).
 Hyper-parameters are chosen with ``--validation`` (last 10% of the training split as held-out data); the test
-split is only used for the final report. Reports test accuracy and certified accuracy at L2 radii
-(in the model input's space: the preprocessed front-end features; the front end itself is not 1-Lipschitz).
+split is only used for the final report. Reports test accuracy and certified accuracy at L2 radii. With
+``--normalisation standardise`` (default) the radii are in the head's input space, the preprocessed features (the
+per-sample standardisation and rescalings are not Lipschitz). With ``--normalisation lipschitz`` every stage before
+the head has a certified constant (``recipes.front_end``; scattering from its filter bank), and the radii are in
+pixel space, the images as loaded (pixels / 255 for Fashion-MNIST): the JSON's ``certified_space`` says which, and
+``pixel_lipschitz`` is the whole pipeline's constant.
 """
 
 from __future__ import annotations
@@ -38,18 +42,24 @@ from lipdp.layers import InputNormClip
 from lipdp.models import orthogonal_cnn
 from lipdp.statistics import ChannelBlock
 from lipdp.training import OPTIMIZERS, TrainConfig, train_private
-from recipes.front_end import (PrivatePreprocessing, differentiable_scatter, front_end_features, parse_front_end,
-                               release_preprocessing)
+from recipes.front_end import (NORMALISATIONS, PrivatePreprocessing, differentiable_scatter, front_end_features,
+                               parse_front_end, release_preprocessing)
 
 logger = logging.getLogger(__name__)
 
 #: Chosen on the validation split (last 10% of Fashion-MNIST's training split), never on the test split; the sweep
 #: and its numbers are in the README ("Results and how the settings were chosen").
+#: The ``lipschitz`` normalisation's knobs (chosen on the validation split, README): rows divided by RADIUS, and each
+#: scattering order's weight (orders 0, 1, 2).
+RADIUS = 32.0
+ORDER_WEIGHTS = (1.0, 1.0, 1.0)
 DEFAULTS = dict(epochs=40, batch_size=4096, learning_rate=0.1, temperature=1.0, groups=27, centring_noise=10.0,
                 whitening_noise=10.0, whitening_floor=0.1, noise_strategy="min_energy", weight_averaging=None,
-                loss_grad_clip=0.5, optimizer="adam")
+                loss_grad_clip=0.5, optimizer="adam", normalisation="standardise", radius=RADIUS,
+                order_weights=ORDER_WEIGHTS)
 #: Statistics released before training (``recipes.front_end``), not part of the training loop's TrainConfig.
-PREPROCESSING_SETTINGS = ("groups", "centring_noise", "whitening_noise", "whitening_floor")
+PREPROCESSING_SETTINGS = ("groups", "centring_noise", "whitening_noise", "whitening_floor", "normalisation", "radius",
+                          "order_weights")
 DEFAULT_FRONT_END = "scattering+fine-scattering+pixels"
 RADII = (0.0, 0.05, 0.1, 0.25, 0.5)
 SALIENCY_IMAGES = 8
@@ -58,17 +68,20 @@ SALIENCY_IMAGES = 8
 FRONT_ENDS = ("scattering+fine-scattering+pixels", "scattering+pixels", "scattering", "pixels")
 
 
-def _features(dataset: TensorDataset, front_end: str, groups: int) -> tuple[TensorDataset, list[ChannelBlock]]:
+def _features(dataset: TensorDataset, front_end: str, groups: int, normalisation: str = "standardise",
+              order_weights: tuple[float, ...] = ORDER_WEIGHTS) -> tuple[TensorDataset, list[ChannelBlock]]:
     """The fixed front end applied to a whole split (scattering coefficients are computed once and cached)."""
     x, y = dataset.tensors
     if front_end == "pixels":
         return TensorDataset(x, y), []
-    features, blocks = front_end_features(front_end, x, groups)
+    features, blocks = front_end_features(front_end, x, groups, normalisation=normalisation,
+                                          order_weights=order_weights)
     return TensorDataset(features, y), blocks
 
 
 def logits_of_pixels(head: nn.Module, front_end: str, groups: int, image_shape: tuple[int, ...],
-                     flatten: bool, preprocessing: PrivatePreprocessing | None = None
+                     flatten: bool, preprocessing: PrivatePreprocessing | None = None,
+                     normalisation: str = "standardise", order_weights: tuple[float, ...] = ORDER_WEIGHTS
                      ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The trained head composed with its front end (and the private centring and whitening, if any): logits as
     a differentiable function of the images."""
@@ -78,7 +91,7 @@ def logits_of_pixels(head: nn.Module, front_end: str, groups: int, image_shape: 
         if front_end == "pixels":
             features = images.flatten(1) if flatten else images
         else:
-            features, _ = front_end_features(front_end, images, groups, scatter)
+            features, _ = front_end_features(front_end, images, groups, scatter, normalisation, order_weights)
         return head(features if preprocessing is None else preprocessing(features))
 
     return logits
@@ -121,11 +134,14 @@ class PreparedData(NamedTuple):
     blocks: list[ChannelBlock]  # where the scattering parts' (channels, positions) blocks sit in a row
 
 
-def prepare_data(dataset: str, front_end: str, groups: int, validation: bool, seed: int) -> PreparedData:
+def prepare_data(dataset: str, front_end: str, groups: int, validation: bool, seed: int,
+                 normalisation: str = "standardise", order_weights: tuple[float, ...] = ORDER_WEIGHTS
+                 ) -> PreparedData:
     """The front end's features of both splits. They are computed on the full official splits (scattering
     coefficients cached), then the validation split is taken if asked."""
     splits = load_dataset(dataset, seed=seed)
-    (train, blocks), (evaluation, _) = (_features(d, front_end, groups) for d in (splits.train, splits.test))
+    (train, blocks), (evaluation, _) = (_features(d, front_end, groups, normalisation, order_weights)
+                                        for d in (splits.train, splits.test))
     if validation:
         train, evaluation = train_validation_split(train, 0.1, seed=seed)
     return PreparedData(train, evaluation, tuple(train.tensors[0].shape[1:]), splits.num_classes,
@@ -150,9 +166,10 @@ def run(dataset: str = "fashion-mnist", epsilon: float = 3.0, delta: float = 1e-
                          "flat feature vectors, for the linear head)")
     settings = {**DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}}
     preprocessing_settings = {name: settings.pop(name) for name in PREPROCESSING_SETTINGS}
-    groups = preprocessing_settings["groups"]
+    groups, normalisation = preprocessing_settings["groups"], preprocessing_settings["normalisation"]
+    order_weights = tuple(preprocessing_settings["order_weights"])
     train, evaluation, input_shape, num_classes, description, blocks = prepare_data(
-        dataset, front_end, groups, validation, seed)
+        dataset, front_end, groups, validation, seed, normalisation, order_weights)
     if head == "linear" and front_end == "pixels":
         train = TensorDataset(train.tensors[0].flatten(1), train.tensors[1])
         evaluation = TensorDataset(evaluation.tensors[0].flatten(1), evaluation.tensors[1])
@@ -164,19 +181,24 @@ def run(dataset: str = "fashion-mnist", epsilon: float = 3.0, delta: float = 1e-
     # statistics of the training features, released privately (accounted in the same budget)
     preprocessing, train_rows = release_preprocessing(
         engine, train.tensors[0], blocks, preprocessing_settings["centring_noise"],
-        preprocessing_settings["whitening_noise"], preprocessing_settings["whitening_floor"])
+        preprocessing_settings["whitening_noise"], preprocessing_settings["whitening_floor"],
+        preprocessing_settings["radius"] if normalisation == "lipschitz" else None)
     train = TensorDataset(train_rows, train.tensors[1])
     evaluation = TensorDataset(preprocessing(evaluation.tensors[0]), evaluation.tensors[1])
     result, engine = train_private(model, train, evaluation, config, progress=progress, engine=engine)
     lipschitz = engine.lipschitz_constant()
-    certified = {str(r): certified_accuracy(model, evaluation, r, lipschitz) for r in RADII}
+    # lipschitz: every stage before the head is certified (front end 1, preprocessing), radii in the images' units
+    pixel_lipschitz = lipschitz * preprocessing.lipschitz() if normalisation == "lipschitz" else None
+    certified = {str(r): certified_accuracy(
+        model, evaluation, r, lipschitz if pixel_lipschitz is None else pixel_lipschitz) for r in RADII}
     if saliency is not None:
         # A copy without the engine's training hooks (they rescale and clip gradients at the output).
         released = build_model(head, input_shape, num_classes)
         released.load_state_dict(model.state_dict())
         images, labels = load_dataset(dataset, seed=seed).test.tensors
         logits = logits_of_pixels(released.eval(), front_end, groups, tuple(images.shape[1:]),
-                                  flatten=head == "linear", preprocessing=preprocessing)
+                                  flatten=head == "linear", preprocessing=preprocessing,
+                                  normalisation=normalisation, order_weights=order_weights)
         save_saliency_maps(logits, images[:SALIENCY_IMAGES], labels[:SALIENCY_IMAGES], saliency)
     return {
         "dataset": dataset, "description": description, "front_end": front_end, "head": head,
@@ -185,7 +207,12 @@ def run(dataset: str = "fashion-mnist", epsilon: float = 3.0, delta: float = 1e-
         "whitening_noise": (preprocessing_settings["whitening_noise"] or None) if blocks else None,
         "accuracy": result.test_accuracy, "epsilon": result.epsilon, "delta": delta,
         "noise_multiplier": result.noise_multiplier, "steps": result.steps, "train_seconds": result.seconds,
-        "lipschitz": lipschitz, "certified_accuracy": certified, "epochs": result.epoch_log,
+        "normalisation": normalisation,
+        **({"radius": preprocessing.radius, "order_weights": list(order_weights)} if normalisation == "lipschitz"
+           else {}),
+        "lipschitz": lipschitz, "pixel_lipschitz": pixel_lipschitz,
+        "certified_space": "pixels" if normalisation == "lipschitz" else "features",
+        "certified_accuracy": certified, "epochs": result.epoch_log,
     }
 
 
@@ -228,6 +255,16 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--whitening-floor", type=float, default=None,
                         help="eigenvalue floor of the whitening, as a fraction of the mean eigenvalue; default "
                              f"{DEFAULTS['whitening_floor']}")
+    parser.add_argument("--normalisation", choices=NORMALISATIONS, default=None,
+                        help="standardise: per-sample standardisation and rescaling to norm 1, certificates in "
+                             "feature space; lipschitz: every stage certified, certificates in pixel space (the "
+                             f"images as loaded, pixels / 255); default {DEFAULTS['normalisation']}")
+    parser.add_argument("--radius", type=float, default=None,
+                        help="lipschitz normalisation: rows divided by this radius before centring, whitening and "
+                             f"projection onto the unit ball (pixel Lipschitz constant x 1 / radius); default {RADIUS}")
+    parser.add_argument("--order-weights", type=float, nargs=3, default=None, metavar=("W0", "W1", "W2"),
+                        help="lipschitz normalisation: fixed weight of the scattering orders 0, 1, 2; default "
+                             f"{' '.join(map(str, ORDER_WEIGHTS))}")
     parser.add_argument("--noise-strategy", choices=("global", "per_layer", "min_energy"), default=None,
                         help=f"noise allocation, default {DEFAULTS['noise_strategy']}")
     parser.add_argument("--loss-grad-clip", type=float, default=None, help="clip each sample's logit gradient to this norm")
@@ -248,7 +285,8 @@ def run_from_arguments(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in ("epochs", "batch_size", "learning_rate", "temperature", "groups",
                                                "centring_noise", "whitening_noise", "whitening_floor",
                                                "noise_strategy", "loss_grad_clip",
-                                               "weight_averaging", "optimizer")}
+                                               "weight_averaging", "optimizer", "normalisation", "radius",
+                                               "order_weights")}
     results = []
     for epsilon in args.epsilons:
         saliency = args.saliency and args.saliency.with_name(f"{args.saliency.stem}-eps{epsilon:g}.png")

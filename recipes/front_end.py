@@ -18,6 +18,17 @@ the engine, ``LipDPEngine.private_mean`` / ``private_channel_moments``, and paid
   ``λ0`` the larger of ``floor * tr(S) / C`` and the noise's spectral norm (``channel_whitener``); then the row is
   rescaled to norm 1. A few channel directions carry most of the scattering part's energy after centring;
   damping them spends the norm budget on what tells classes apart.
+
+**Normalisation.** ``standardise`` (the above): per-sample standardisation and division by each row's norm, not
+Lipschitz near 0, so certificates hold in feature space only. ``lipschitz``: every stage has a certified constant
+and Lip(pipeline) is their product (docs/design.md §6), so certificates hold for the image as loaded:
+
+* each scattering path multiplied by a fixed weight per scattering order (``order_weights``) and the part divided by
+  its certified constant (``lipdp.scattering.scattering_lipschitz``): Lipschitz 1; pixels centred on their own mean
+  (a projection: 1); the weighted concatenation: sqrt(sum_j w_j^2) / sqrt(sum_j w_j^2) = 1;
+* the rows divided by a fixed ``radius`` c (1 / c), so that typical rows have norm ~1 for the releases;
+* centring on the private mean, without rescaling (a translation: 1); whitening by the released matrices
+  (their spectral norm, exactly); projection onto the unit ball x min(1, 1 / ||x||) (1).
 """
 
 from __future__ import annotations
@@ -28,7 +39,9 @@ from typing import Callable
 import torch
 
 from lipdp.engine import LipDPEngine
-from lipdp.scattering import per_sample_group_standardize, scattering_features, scattering_transform
+from lipdp.layers import InputNormClip
+from lipdp.scattering import (per_sample_group_standardize, scattering_features, scattering_lipschitz,
+                              scattering_transform)
 from lipdp.statistics import ChannelBlock, centre_and_rescale, channel_moments_sensitivity, rescale_rows
 
 #: Weight of each part (all parts have norm 1 per sample before weighting).
@@ -38,6 +51,7 @@ SCATTERING_SCALES = {"scattering": 2, "fine-scattering": 1}
 #: Standardisation groups of the J = 1 part (9 channels: 3 per group, as 27 groups of the J = 2 part's 81).
 FINE_SCATTERING_GROUPS = 3
 _CHUNK_ROWS = 4096
+NORMALISATIONS = ("standardise", "lipschitz")
 
 #: (images, J) -> scattering coefficients (N, C, h, w): ``scattering_features`` (a whole split, computed once and
 #: cached on disk), or the differentiable transform.
@@ -61,6 +75,12 @@ def unit_pixels(images: torch.Tensor) -> torch.Tensor:
     return flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
+def centred_pixels(images: torch.Tensor) -> torch.Tensor:
+    """Each image flattened and centred on its own mean: x - mean(x) 1, an orthogonal projection (1-Lipschitz)."""
+    flat = images.flatten(1)
+    return flat - flat.mean(dim=1, keepdim=True)
+
+
 def differentiable_scatter(image_shape: tuple[int, int]) -> Scatter:
     """The scattering transforms as differentiable functions of the images (one transform per scale)."""
     transforms: dict[int, torch.nn.Module] = {}
@@ -74,19 +94,44 @@ def differentiable_scatter(image_shape: tuple[int, int]) -> Scatter:
     return scatter
 
 
+def path_weights(J: int, order_weights: tuple[float, ...], L: int = 8) -> torch.Tensor:
+    """The weight of each scattering path, ``order_weights[m]`` for a path of order m, in kymatio's order (S0,
+    the J L first-order, then the L^2 J (J - 1) / 2 second-order paths)."""
+    orders = [0] + [1] * (J * L) + [2] * (L * L * J * (J - 1) // 2)
+    return torch.tensor([float(order_weights[m]) for m in orders], dtype=torch.float64)
+
+
+def lipschitz_scattering(coefficients: torch.Tensor, J: int, order_weights: tuple[float, ...],
+                         image_shape: tuple[int, int]) -> torch.Tensor:
+    """(N, C K, h, w) coefficients -> (N, C K h w) rows ``(w ⊙ S(x)) / Lip(w ⊙ S)``: a 1-Lipschitz map of the image
+    (the certified constant, ``scattering_lipschitz``; each image channel has the same map, so the same constant)."""
+    weights = path_weights(J, order_weights)
+    scale = weights / scattering_lipschitz(image_shape, J, path_weights=weights)
+    channels = coefficients.shape[1] // len(weights)
+    return (coefficients * scale.repeat(channels).to(coefficients.dtype)[:, None, None]).flatten(1)
+
+
 def front_end_features(front_end: str, images: torch.Tensor, groups: int,
-                       scatter: Scatter = scattering_features) -> tuple[torch.Tensor, list[ChannelBlock]]:
-    """(N, C, H, W) images -> (rows of norm 1, where each scattering part's (channels, positions) block sits)."""
+                       scatter: Scatter = scattering_features, normalisation: str = "standardise",
+                       order_weights: tuple[float, ...] = (1.0, 1.0, 1.0)) -> tuple[torch.Tensor, list[ChannelBlock]]:
+    """(N, C, H, W) images -> (rows, where each scattering part's (channels, positions) block sits). ``standardise``:
+    rows of norm 1; ``lipschitz``: rows that are a 1-Lipschitz function of the images (module docstring)."""
+    if normalisation not in NORMALISATIONS:
+        raise ValueError(f"normalisation {normalisation!r}: use one of {', '.join(NORMALISATIONS)}")
     names = parse_front_end(front_end)
     total_weight = sum(PART_WEIGHTS[name] ** 2 for name in names) ** 0.5
     parts, blocks, start = [], [], 0
     for name in names:
         if name == "pixels":
-            part = unit_pixels(images)
+            part = unit_pixels(images) if normalisation == "standardise" else centred_pixels(images)
         else:
             coefficients = scatter(images, SCATTERING_SCALES[name])
-            part_groups = groups if name == "scattering" else FINE_SCATTERING_GROUPS
-            part = per_sample_group_standardize(coefficients, part_groups)
+            if normalisation == "standardise":
+                part_groups = groups if name == "scattering" else FINE_SCATTERING_GROUPS
+                part = per_sample_group_standardize(coefficients, part_groups)
+            else:
+                part = lipschitz_scattering(coefficients, SCATTERING_SCALES[name], order_weights,
+                                            tuple(images.shape[-2:]))
             blocks.append(ChannelBlock(start, coefficients.shape[1], coefficients[0, 0].numel()))
         parts.append(part * (PART_WEIGHTS[name] / total_weight))
         start += part.shape[1]
@@ -112,24 +157,55 @@ def channel_whitener(moment: torch.Tensor, floor: float, noise_std: float = 0.0)
     return ((vectors * scales) @ vectors.T).float()
 
 
+def project_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Each row projected onto the unit ball, x min(1, 1 / ||x||) (1-Lipschitz; ``InputNormClip``): in place on
+    whole data sets, out of place when differentiated."""
+    if rows.requires_grad:
+        return InputNormClip(1.0)(rows)
+    norms = rows.flatten(1).norm(dim=1).view(-1, *[1] * (rows.dim() - 1))
+    return rows.mul_((1 / norms.clamp_min(1e-12)).clamp(max=1.0))
+
+
 @dataclass
 class PrivatePreprocessing:
-    """Centring and whitening with released statistics: ``preprocessing(rows)`` applies both (then norm 1)."""
+    """Centring and whitening with released statistics: ``preprocessing(rows)`` applies both. ``radius`` None: each
+    step is followed by a rescaling to norm 1 (``standardise``); a radius c: the rows are divided by c, centred,
+    whitened, then projected onto the unit ball (``lipschitz``, constant :meth:`lipschitz`)."""
 
     mean: torch.Tensor | None = None
     whiteners: list[tuple[ChannelBlock, torch.Tensor]] = field(default_factory=list)
+    radius: float | None = None
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.whiten(self.centre(rows))
+        return self.whiten(self.centre(self.scale(rows)))
+
+    def lipschitz(self) -> float:
+        """Certified Lipschitz constant: (1 / c) max(1, max_b ||M_b||_2) (a block-diagonal map, identity outside the
+        blocks; the translation and the projection are 1-Lipschitz); infinite when rows are rescaled."""
+        if self.radius is None:
+            return float("inf")
+        gains = [torch.linalg.matrix_norm(matrix.double(), ord=2).item() * (1 + 1e-9) for _, matrix in self.whiteners]
+        return max([1.0, *gains]) / self.radius
+
+    def scale(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows / c`` (in place on whole data sets); unchanged when rows are rescaled (no radius)."""
+        if self.radius is None:
+            return rows
+        return rows / self.radius if rows.requires_grad else rows.div_(self.radius)
 
     def centre(self, rows: torch.Tensor) -> torch.Tensor:
-        """``rows`` minus the released mean, rescaled to norm 1 (:func:`centre_and_rescale`); unchanged if no mean."""
-        return rows if self.mean is None else centre_and_rescale(rows, self.mean)
+        """``rows`` minus the released mean, then (no radius) rescaled to norm 1 (:func:`centre_and_rescale`);
+        unchanged if no mean."""
+        if self.mean is None:
+            return rows
+        if self.radius is None:
+            return centre_and_rescale(rows, self.mean)
+        return rows - self.mean if rows.requires_grad else rows.sub_(self.mean)
 
     def whiten(self, rows: torch.Tensor) -> torch.Tensor:
-        """Each whitened block multiplied by its matrix (channels mixed at every position), then norm 1.
-        In place, in chunks, on whole data sets; out of place when differentiated."""
-        if not self.whiteners:
+        """Each whitened block multiplied by its matrix (channels mixed at every position), then norm 1 (no radius)
+        or projected onto the unit ball. In place, in chunks, on whole data sets; out of place when differentiated."""
+        if not self.whiteners and self.radius is None:
             return rows
         if rows.requires_grad:
             return self._whitened(rows)
@@ -144,15 +220,19 @@ class PrivatePreprocessing:
             pieces.append(torch.einsum("cd,ndp->ncp", matrix, block.view(rows)).flatten(1))
             done = block.stop
         pieces.append(rows[:, done:])
-        return rescale_rows(torch.cat(pieces, dim=1))
+        whitened = torch.cat(pieces, dim=1)
+        return rescale_rows(whitened) if self.radius is None else project_rows(whitened)
 
 
 def release_preprocessing(engine: LipDPEngine, train_rows: torch.Tensor, blocks: list[ChannelBlock],
                           centring_noise: float | None, whitening_noise: float | None,
-                          whitening_floor: float) -> tuple[PrivatePreprocessing, torch.Tensor]:
+                          whitening_floor: float, radius: float | None = None
+                          ) -> tuple[PrivatePreprocessing, torch.Tensor]:
     """Release the statistics through ``engine`` (each accounted there; a noise multiplier of 0/None skips it) and
-    preprocess the training rows with them, in place. Returns (the preprocessing for other splits, the rows)."""
-    preprocessing, norm_bound = PrivatePreprocessing(), 1.0  # the front end's rows have norm 1
+    preprocess the training rows with them, in place. Returns (the preprocessing for other splits, the rows).
+    Both releases clip rows to norm 1: the front end's rows have norm 1 (no radius), or rows divided by ``radius``."""
+    preprocessing, norm_bound = PrivatePreprocessing(radius=radius), 1.0
+    train_rows = preprocessing.scale(train_rows)
     if centring_noise:
         preprocessing.mean = engine.private_mean(train_rows, centring_noise, norm_bound)
         train_rows = preprocessing.centre(train_rows)
@@ -160,5 +240,4 @@ def release_preprocessing(engine: LipDPEngine, train_rows: torch.Tensor, blocks:
         moments = engine.private_channel_moments(train_rows, blocks, whitening_noise, norm_bound)
         noise_std = whitening_noise * channel_moments_sensitivity(norm_bound)
         preprocessing.whiteners = [(b, channel_whitener(m, whitening_floor, noise_std)) for b, m in zip(blocks, moments)]
-        train_rows = preprocessing.whiten(train_rows)
-    return preprocessing, train_rows
+    return preprocessing, preprocessing.whiten(train_rows)

@@ -1,5 +1,5 @@
 """The classification recipe's front end and its private preprocessing (recipes.front_end): layout, centring,
-whitening, and the differentiable path used for saliency maps."""
+whitening, the differentiable path used for saliency maps, and the lipschitz normalisation's certified constant."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from lipdp.datasets import load_dataset
 from lipdp.statistics import ChannelBlock, channel_moments_query
 from recipes import classify
 from recipes.front_end import (
-    PART_WEIGHTS, PrivatePreprocessing, centre_and_rescale, channel_whitener, front_end_features, parse_front_end,
-    release_preprocessing, unit_pixels,
+    PART_WEIGHTS, PrivatePreprocessing, centre_and_rescale, channel_whitener, differentiable_scatter,
+    front_end_features, parse_front_end, path_weights, release_preprocessing, unit_pixels,
 )
 
 FRONT_END = "scattering+fine-scattering+pixels"
@@ -133,3 +133,90 @@ def test_pixel_logits_match_the_preprocessed_cached_features():
     preprocessed = classify.logits_of_pixels(head, FRONT_END, 27, (1, 8, 8), flatten=True,
                                              preprocessing=preprocessing)
     assert torch.allclose(preprocessed(images), head(preprocessing(cached.tensors[0].clone())), atol=1e-5)
+
+
+def _lipschitz_pipeline(train_images: torch.Tensor, radius: float = 10.0):
+    """The lipschitz front end and its released preprocessing, as a differentiable map of the images."""
+    rows, blocks = front_end_features(FRONT_END, train_images, 27, normalisation="lipschitz")
+    # low noise: 40 images (the noise of multiplier 10 would dominate their mean and moments)
+    preprocessing, train_rows = release_preprocessing(LipDPEngine(seed=0), rows.clone(), blocks, 0.1, 0.1, 0.1,
+                                                      radius=radius)
+    scatter = differentiable_scatter((8, 8))
+
+    def pipeline(images: torch.Tensor) -> torch.Tensor:
+        features, _ = front_end_features(FRONT_END, images, 27, scatter, normalisation="lipschitz")
+        return preprocessing(features)
+
+    return pipeline, preprocessing, rows, train_rows
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_lipschitz_pipeline_in_place_equals_the_differentiable_path_and_lands_in_the_unit_ball():
+    images = _digits_images(40)
+    pipeline, preprocessing, rows, train_rows = _lipschitz_pipeline(images)
+    assert preprocessing.mean is not None and len(preprocessing.whiteners) == 2
+    assert torch.allclose(pipeline(images.requires_grad_(True)).detach(), train_rows, atol=1e-5)
+    assert train_rows.norm(dim=1).max() <= 1 + 1e-5
+    assert train_rows.norm(dim=1).min() < 0.999  # a projection, not a rescaling: short rows stay short
+    gains = [torch.linalg.matrix_norm(m.double(), ord=2).item() for _, m in preprocessing.whiteners]
+    assert preprocessing.lipschitz() == pytest.approx(max(1, *gains) / 10.0, rel=1e-6)
+    assert PrivatePreprocessing().lipschitz() == float("inf")  # standardise: rescalings are not Lipschitz
+
+
+@pytest.fixture
+def one_thread():
+    """Many tiny FFTs: one thread (on shared cores, two threads oversubscribe and run ~10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_lipschitz_pipeline_never_expands_pixel_distances_beyond_its_certified_constant():
+    """Images -> preprocessed rows (front end, centring, whitening, projection): random pairs and pairs pushed
+    apart by gradient ascent on ||g(x) - g(y)|| / ||x - y||, starting from digits, never beat
+    preprocessing.lipschitz()."""
+    images = _digits_images(40)
+    pipeline, preprocessing, _, _ = _lipschitz_pipeline(images, radius=20.0)  # few rows reach the projection
+    bound = preprocessing.lipschitz()
+    generator = torch.Generator().manual_seed(0)
+    x = images[:16].clone().requires_grad_(True)
+    step = (0.01 * torch.randn(x.shape, generator=generator)).requires_grad_(True)
+    optimizer = torch.optim.Adam([x, step], lr=0.01)
+    best = 0.0
+    for _ in range(15):
+        ratio = (pipeline(x + step) - pipeline(x)).norm(dim=1) / step.flatten(1).norm(dim=1)
+        best = max(best, ratio.max().item())
+        optimizer.zero_grad()
+        (-ratio.log().sum()).backward()
+        optimizer.step()
+    assert best <= bound
+    assert best >= 0.1 * bound  # not vacuous
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_lipschitz_front_end_is_1_lipschitz_on_random_pairs_and_path_weights_follow_kymatio_s_order():
+    assert path_weights(2, (1.0, 2.0, 3.0)).tolist() == [1.0] + [2.0] * 16 + [3.0] * 64
+    generator = torch.Generator().manual_seed(1)
+    x = torch.rand(32, 1, 8, 8, generator=generator)
+    y = x + 0.1 * torch.randn(x.shape, generator=generator)
+    scatter = differentiable_scatter((8, 8))
+    fx, fy = (front_end_features(FRONT_END, images, 27, scatter, normalisation="lipschitz",
+                                 order_weights=(1.0, 3.0, 10.0))[0] for images in (x, y))
+    assert ((fx - fy).norm(dim=1) / (x - y).flatten(1).norm(dim=1)).max() <= 1 + 1e-5
+    with pytest.raises(ValueError, match="lipschitz"):
+        front_end_features(FRONT_END, x, 27, scatter, normalisation="none")
+
+
+@pytest.mark.slow
+def test_classify_with_the_lipschitz_normalisation_certifies_in_pixel_space():
+    result = classify.run("digits", epochs=1, batch_size=256, validation=True, progress=False,
+                          normalisation="lipschitz", radius=2.0)
+    assert result["certified_space"] == "pixels" and result["normalisation"] == "lipschitz"
+    assert result["pixel_lipschitz"] > result["lipschitz"] / 2.0  # head x (1 / radius) x whitening gain >= 1
+    certified = [result["certified_accuracy"][str(r)] for r in classify.RADII]
+    assert certified == sorted(certified, reverse=True) and certified[0] == result["accuracy"]
+    standard = classify.run("digits", epochs=1, batch_size=256, validation=True, progress=False)
+    assert standard["certified_space"] == "features" and standard["pixel_lipschitz"] is None
