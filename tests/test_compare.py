@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import json
 
 import pytest
@@ -98,13 +100,19 @@ def test_batch_size_tables_and_largest_batch():
     assert "| 64 | 0.50 |" in text  # lipdp / fastest Opacus time
 
 
-def test_step_time_ratios():
-    measurements = [_measurement("plain-orthogonal", 256, 0.10, 500), _measurement("lipdp", 256, 0.11, 510),
-                    _measurement("lipdp", 256, 0.12, 520), _measurement("plain-orthogonal", 256, 0.10, 500)]
-    [row] = step_time.summarize(measurements)
-    assert row["time_ratio"] == pytest.approx(1.15) and row["memory_ratio"] == pytest.approx(515 / 500)
-    text = step_time.markdown([row], 2, 1, 0, {2}, [0.0, 0.0, 0.0])
-    assert "1.150 (misses ≤ 1.10)" in text and "1.030 (meets ≤ 1.05)" in text
+def test_step_time_cases_and_table():
+    assert step_time.parse_case("mlp-compiled:700") == ("mlp", True, 700)
+    with pytest.raises(argparse.ArgumentTypeError):
+        step_time.parse_case("resnet:64")
+    rows = [{"case": "mlp:64", "plain_seconds": 0.001, "lipdp_seconds": 0.00115, "time_ratio": 1.15, "threads": 2},
+            {"case": "cnn:256", "plain_seconds": 0.1, "lipdp_seconds": 0.103, "time_ratio": 1.03, "threads": 2}]
+    text = step_time.markdown(rows, 40, 5, [0.0, 0.0, 0.0])
+    assert "| mlp:64 | 1.000 | 1.150 | 1.150 (misses ≤ 1.05) |" in text and "1.030 (meets ≤ 1.05)" in text
+
+
+def test_step_time_measures_both_sides_in_one_process():
+    row = step_time.measure_case("mlp", False, 8, rounds=2, warmup=1, threads=1)
+    assert row["plain_seconds"] > 0 and row["lipdp_seconds"] > 0 and len(row["times"]["lipdp"]) == 2
 
 
 def test_results_sections_are_replaced_in_place(tmp_path):

@@ -148,7 +148,7 @@ def test_lipdp_data_environment_variable(tmp_path, monkeypatch):
 
 
 def test_unknown_name_lists_available():
-    with pytest.raises(ValueError, match="available: .*digits.*fashion-mnist"):
+    with pytest.raises(ValueError, match="use one of .*digits.*fashion-mnist"):
         load_dataset("imagenet")
     assert load_dataset("Breast-Cancer").name == "breast_cancer"
     assert {"fashion-mnist", "digits", "breast_cancer", "wine", "iris", "adult", "letter", "cifar10"} <= set(
