@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
+# Two workers (one per core), whole test files per worker (torchrun and cache tests stay in one process each).
+PARALLEL ?= -n 2 --dist loadfile
 
 .PHONY: setup demo test test-quick clean
 
@@ -21,10 +23,10 @@ demo: setup
 	$(PY) -m lipdp.cli demo
 
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(PARALLEL) $(PYTEST_ARGS)
 
 test-quick: setup
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(PARALLEL) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
