@@ -30,3 +30,14 @@ def train_preset(dataset: str, model: str | None = None) -> dict:
     if model is not None and preset["model"] not in (None, model):
         return {**TRAIN_PRESETS["default"], "model": model}
     return dict(preset)
+
+
+def choose_model(dataset: str, input_shape: tuple[int, ...], requested: str | None = None) -> tuple[str, dict]:
+    """The model kind ('cnn' / 'mlp') and its preset: ``requested``, else the data set's, else the CNN for images
+    and the MLP otherwise. A CNN on data that are not images is refused (one line with the fix)."""
+    image = len(input_shape) == 3
+    kind = requested or train_preset(dataset)["model"] or ("cnn" if image else "mlp")
+    if kind == "cnn" and not image:
+        raise ValueError(f"--model cnn needs image data; {dataset} has samples of shape {tuple(input_shape)}. "
+                         "Fix: use --model mlp")
+    return kind, train_preset(dataset, kind)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lipdp.cli.errors import UserError
 from lipdp.cli.output import write_json
 
 HELP = "train an orthogonal network privately and report accuracy and (eps, delta)"
@@ -63,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from lipdp import distributed
     from lipdp.datasets import load_dataset, train_validation_split
     from lipdp.models import orthogonal_cnn, orthogonal_mlp
-    from lipdp.presets import train_preset
+    from lipdp.presets import choose_model
     from lipdp.training import TrainConfig, train_private
 
     splits = load_dataset(args.dataset, root=args.data_root, seed=args.seed)
@@ -71,12 +70,7 @@ def run(args: argparse.Namespace) -> int:
     if args.validation is not None:
         train_set, held_out = train_validation_split(splits.train, args.validation, seed=args.seed)
         held_out_name = "validation"
-    image = len(splits.input_shape) == 3
-    kind = args.model or train_preset(splits.name)["model"] or ("cnn" if image else "mlp")
-    if kind == "cnn" and not image:
-        raise UserError(f"--model cnn needs image data; {splits.name} has samples of shape "
-                        f"{tuple(splits.input_shape)}.", "use --model mlp")
-    preset = train_preset(splits.name, kind)
+    kind, preset = choose_model(splits.name, splits.input_shape, args.model)
     widths = tuple(args.widths or preset["widths"])
     config = TrainConfig(
         epsilon=args.epsilon, delta=args.delta, epochs=args.epochs or preset["epochs"],

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lipdp.cli.errors import UserError
 from lipdp.cli.output import write_json
 from lipdp.cli.train import NOISE_STRATEGIES, OPTIMIZERS
 
@@ -62,17 +61,12 @@ def run(args: argparse.Namespace) -> int:
     from lipdp.datasets import load_dataset
     from lipdp.evaluation import accuracy
     from lipdp.models import orthogonal_cnn, orthogonal_mlp
-    from lipdp.presets import train_preset
+    from lipdp.presets import choose_model
     from lipdp.training import TrainConfig
     from lipdp.tuning import SearchSpace, tune
 
     splits = load_dataset(args.dataset, root=args.data_root, seed=args.seed)
-    image = len(splits.input_shape) == 3
-    kind = args.model or train_preset(splits.name)["model"] or ("cnn" if image else "mlp")
-    if kind == "cnn" and not image:
-        raise UserError(f"--model cnn needs image data; {splits.name} has samples of shape "
-                        f"{tuple(splits.input_shape)}.", "use --model mlp")
-    preset = train_preset(splits.name, kind)
+    kind, preset = choose_model(splits.name, splits.input_shape, args.model)
     widths = tuple(args.widths or preset["widths"])
     space = SearchSpace.around(preset)
     chosen = {"learning_rate": args.lr, "temperature": args.temperature, "loss_grad_clip": args.loss_grad_clip,
