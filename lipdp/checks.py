@@ -17,8 +17,9 @@ from lipdp.noise import NOISE_STRATEGIES
 
 #: Opacus ``make_private`` arguments that have no meaning in lipdp -> what to do instead.
 OPACUS_ONLY_ARGUMENTS = {
-    "max_grad_norm": "lipdp clips no per-sample gradient: the bounds are certified from input_norm_bound and the "
-                     "model. To bound each sample's logit gradient, pass loss_grad_clip=C",
+    "max_grad_norm": "lipdp's certified mechanism clips no per-sample gradient: the bounds are certified from "
+                     "input_norm_bound and the model. To bound each sample's logit gradient, pass loss_grad_clip=C; "
+                     "for DP-SGD's per-sample clipping on this model, pass mechanism='clipping' with max_grad_norm",
     "clipping": "lipdp clips no per-sample gradient; spread the noise with noise_strategy='global' | 'per_layer' | "
                 "'min_energy' and clip logit gradients with loss_grad_clip=C",
     "poisson_sampling": "drop it: lipdp always samples Poisson batches (the returned data loader)",
@@ -40,6 +41,27 @@ def reject_unknown_arguments(arguments: dict, function: str) -> None:
             raise TypeError(f"{function}() got the Opacus argument {name!r}, which lipdp does not take. "
                             f"Fix: {OPACUS_ONLY_ARGUMENTS[name]}.")
         raise TypeError(f"{function}() got an unexpected keyword argument {name!r}")
+
+
+def check_mechanism(mechanism: str, max_grad_norm: float | None, noise_strategy: str) -> float | None:
+    """The clipping norm C of ``mechanism='clipping'`` (None for the certified ``'bounds'``), checked."""
+    from lipdp.clipping import MECHANISMS
+
+    if mechanism not in MECHANISMS:
+        raise ValueError(f"mechanism must be one of {MECHANISMS}, got {mechanism!r}. Fix: 'bounds' (certified, the "
+                         "default) or 'clipping' (per-sample clipping, with max_grad_norm)")
+    if mechanism == "bounds":
+        if max_grad_norm is not None:
+            raise TypeError("make_private() got the Opacus argument 'max_grad_norm' with the certified mechanism. "
+                            f"Fix: {OPACUS_ONLY_ARGUMENTS['max_grad_norm']}.")
+        return None
+    if max_grad_norm is None:
+        raise ValueError("mechanism='clipping' needs the norm C each record's gradient is clipped to. Fix: pass "
+                         "max_grad_norm=C (lipdp train: --max-grad-norm C)")
+    if noise_strategy != "global":
+        raise ValueError(f"mechanism='clipping' clips each record's whole gradient to one norm, so its noise is "
+                         f"global; got noise_strategy={noise_strategy!r}. Fix: drop noise_strategy")
+    return check_positive(max_grad_norm, "max_grad_norm")
 
 
 def check_private_arguments(*, module: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader,

@@ -31,7 +31,8 @@ from lipdp import distributed
 from lipdp.bounds import BoundReport, check_model, lipschitz_constant, record_shapes
 from lipdp.augment import Augmentation
 from lipdp.checkpoint import load_state, save_state
-from lipdp.checks import check_private_arguments, reject_unknown_arguments, warn_if_unfittable
+from lipdp.checks import check_mechanism, check_private_arguments, reject_unknown_arguments, warn_if_unfittable
+from lipdp.clipping import PerSampleClipping
 from lipdp.hooks import InputGuard, OutputGradientHook, PassCounter
 from lipdp.journal import StepJournal, count_journaled_steps, fresh_seed
 from lipdp.mechanism import GradientMechanism, MechanismConfig, PrivacyBudgetExceeded
@@ -123,14 +124,20 @@ class LipDPEngine:
         target_delta: float | None = None,
         views: int = 1,
         augment: Augmentation | None = None,
+        mechanism: str = "bounds",
+        max_grad_norm: float | None = None,
         **opacus_arguments,
     ) -> tuple[nn.Module, DPOptimizer, PoissonDataLoader]:
         """Attach the private mechanism. Every argument is checked here, before any training step
-        (``lipdp.checks``; Opacus-only arguments such as ``max_grad_norm`` get an error naming lipdp's equivalent).
+        (``lipdp.checks``; Opacus-only arguments such as ``grad_sample_mode`` get an error naming lipdp's equivalent).
 
         ``views`` K > 1 (augmentation multiplicity, De et al. 2022): the loader yields K random views
         (``augment``, e.g. ``lipdp.augment.RandomShift(2)``) of every sampled record in one batch, and each record's
         gradient is the mean of its views', within the same bound: no privacy cost, K times the compute.
+
+        ``mechanism='clipping'`` with ``max_grad_norm=C``: DP-SGD's per-sample clipping on this same model instead of
+        the certified bounds (``lipdp.clipping``): each record's gradient clipped to C, noise sigma C, the same
+        sampling and accounting; to compare the two on one model and budget.
 
         Multi-process (``lipdp.distributed``): call it on every rank with the same model, the full dataset and
         the *global* expected batch size; ``module`` may be plain or wrapped in DistributedDataParallel.
@@ -138,6 +145,7 @@ class LipDPEngine:
         reject_unknown_arguments(opacus_arguments, "make_private")
         if self.model is not None:
             raise RuntimeError("this engine is already attached to a model; create one engine per training run")
+        clip_norm = check_mechanism(mechanism, max_grad_norm, noise_strategy)
         checked = check_private_arguments(
             module=module, optimizer=optimizer, data_loader=data_loader, criterion=criterion,
             noise_multiplier=noise_multiplier, input_norm_bound=input_norm_bound, loss_reduction=loss_reduction,
@@ -188,6 +196,11 @@ class LipDPEngine:
             self._hooks.append(InputGuard(module, input_shape, config.input_norm_bound).handle)
             self._hooks.append(OutputGradientHook(module, loss_reduction, config.loss_lipschitz, self.passes,
                                                   views=views).handle)
+            if clip_norm is not None:  # registered after the output fix: it sees the fixed output gradient
+                clipping = PerSampleClipping(module, materialized, self.mechanism.plan.plain_parameters(),
+                                             clip_norm, views=views)
+                self._hooks.append(clipping.handle)
+                self.mechanism.clipping = clipping
         except BaseException:  # leave the user's model as it was
             materialized.detach_from()
             for handle in self._hooks:

@@ -105,7 +105,8 @@ def public_data() -> Iterator[None]:
         _public.depth -= 1
 
 
-def _in_public_block() -> bool:
+def in_public_block() -> bool:
+    """Whether the current forward is inside a ``public_data()`` block."""
     return getattr(_public, "depth", 0) > 0
 
 
@@ -160,7 +161,7 @@ class OutputGradientHook:
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         """Register the gradient fix (and, for private data, the pass count) on a training forward's output."""
         if isinstance(output, torch.Tensor) and output.requires_grad:
-            batch, counted = output.shape[0], not _in_public_block()
+            batch, counted = output.shape[0], not in_public_block()
             if counted and batch % self.views:
                 raise ValueError(
                     f"a training batch of {batch} rows is not {self.views} views of each record: the engine averages "

@@ -1,7 +1,9 @@
 """The per-step Gaussian mechanism on the summed batch gradient (docs/design.md §1, §3).
 
 release(): g_d = (sum_i grad_d(x_i) + N(0, s_d^2 I)) / B for every parameter group d, with Delta_d from the
-bound analysis of the current (public) weights, s_d from the noise strategy, B the *expected* batch size.
+bound analysis of the current (public) weights, s_d from the noise strategy, B the *expected* batch size. With
+``clipping`` (``lipdp.clipping``, the DP-SGD baseline on the same model) the sums are of per-record gradients clipped
+jointly to C instead, and every s_d = sigma C.
 Nothing is modified before every check has passed (finite gradients, privacy budget), so a refused step
 releases nothing. One accountant step per release, with sigma_eff computed from the actual stds.
 Multi-process: ``reduce_gradients`` sums each gradient over the ranks first (``distributed.py``). With a
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from lipdp.bounds import BoundPlan, BoundReport, CertifiedNormCache
+from lipdp.clipping import PerSampleClipping
 from lipdp.journal import StepJournal
 from lipdp.noise import GaussianNoise, effective_noise_multiplier, noise_stds
 from lipdp.reparametrization import MaterializedWeights
@@ -58,8 +61,10 @@ class GradientMechanism:
 
     def __init__(self, model: nn.Module, config: MechanismConfig, accountant, generator: torch.Generator,
                  shapes: dict, materialized: MaterializedWeights,
-                 reduce_gradients: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]] | None = None) -> None:
+                 reduce_gradients: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]] | None = None,
+                 clipping: PerSampleClipping | None = None) -> None:
         self.model = model
+        self.clipping = clipping
         self.config = config
         self.accountant = accountant
         self.noise = GaussianNoise(generator)
@@ -121,6 +126,31 @@ class GradientMechanism:
                     "(an empty batch with a 'mean' loss is handled; a NaN loss is not)."
                 )
 
+    def _certified_noise(self, report: BoundReport, grads: dict[str, torch.Tensor]
+                         ) -> tuple[dict[str, float], dict[str, float]]:
+        """The certified sensitivities and the noise strategy's stds, checked to reach sigma_eff = sigma."""
+        config = self.config
+        sensitivities = report.sensitivities
+        self._check_representable(sensitivities, grads)
+        try:
+            stds = noise_stds(sensitivities, report.sizes, config.noise_multiplier, config.noise_strategy)
+            sigma_eff = effective_noise_multiplier(sensitivities, stds)
+        except OverflowError as error:
+            raise FloatingPointError(
+                f"noise_multiplier={config.noise_multiplier} and sensitivities {sensitivities} overflow the noise "
+                "computation: nothing was released. Fix: use magnitudes of noise_multiplier and input_norm_bound "
+                "that a float can hold."
+            ) from error
+        if not math.isclose(sigma_eff, config.noise_multiplier, rel_tol=1e-9) and sigma_eff != math.inf:
+            raise AssertionError(f"noise strategy gave sigma_eff={sigma_eff}, expected {config.noise_multiplier}")
+        return sensitivities, stds
+
+    def zero_grad(self) -> None:
+        """A new step: clear the materialised weights' gradients (and the clipped sums)."""
+        self.materialized.zero_grad()
+        if self.clipping is not None:
+            self.clipping.reset()
+
     def release(self) -> None:
         """One private step: g_d = (sum_i grad_d(x_i) + N(0, s_d^2 I)) / B for every group d, after every check
         (drawn as sum / B + N(0, (s_d / B)^2 I), the same distribution).
@@ -140,25 +170,18 @@ class GradientMechanism:
         for key, module in self.materialized.modules.items():
             grad = leaf_grads[key]
             grads[key] = grad if grad is not None else torch.zeros_like(weights[module])
+        if self.clipping is not None:  # the released sums are the clipped per-record ones
+            grads = self.clipping.gradients(like=grads)
         if self.reduce_gradients is not None:
             grads = dict(zip(grads, self.reduce_gradients(list(grads.values()))))
         with torch.no_grad():
             report, norms = self.plan.evaluate(weights, norms_of=list(grads.values()))
         self._check_finite(grads, norms)
-        sensitivities = report.sensitivities
-        self._check_representable(sensitivities, grads)
-        try:
-            stds = noise_stds(sensitivities, report.sizes, config.noise_multiplier, config.noise_strategy)
-            sigma_eff = effective_noise_multiplier(sensitivities, stds)
-        except OverflowError as error:
-            raise FloatingPointError(
-                f"noise_multiplier={config.noise_multiplier} and sensitivities {sensitivities} overflow the noise "
-                "computation: nothing was released. Fix: use magnitudes of noise_multiplier and input_norm_bound "
-                "that a float can hold."
-            ) from error
+        if self.clipping is not None:
+            sensitivities, stds = self.clipping.noise(grads, config.noise_multiplier)
+        else:
+            sensitivities, stds = self._certified_noise(report, grads)
         self._check_representable(stds, grads)
-        if not math.isclose(sigma_eff, config.noise_multiplier, rel_tol=1e-9) and sigma_eff != math.inf:
-            raise AssertionError(f"noise strategy gave sigma_eff={sigma_eff}, expected {config.noise_multiplier}")
         self._check_budget()
         if self.journal is not None:
             self.journal.append(self.accountant.total_steps + 1, config.noise_multiplier, config.sample_rate)
@@ -173,5 +196,7 @@ class GradientMechanism:
         self.materialized.backpropagate({key: noisy[key] for key in self.materialized.modules})
         self.accountant.step(noise_multiplier=config.noise_multiplier, sample_rate=config.sample_rate)
         self.norm_cache.advance()
+        if self.clipping is not None:
+            self.clipping.reset()
         self.last_sensitivities = sensitivities
         self.last_stds = stds

@@ -8,6 +8,7 @@ shared by all P output positions, so its sensitivity sqrt(P) G is large and it w
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 from orthogonium.layers import AdaptiveOrthoConv2d, MaxMin, OrthoLinear
@@ -57,3 +58,15 @@ def orthogonal_mlp(
         width = size
     layers.append(OrthoLinear(width, out_features, bias=bias))
     return nn.Sequential(*layers)
+
+
+def orthogonal_network(kind: str, input_shape: Sequence[int], num_classes: int, widths: Sequence[int],
+                       input_norm_bound: float = 1.0) -> nn.Sequential:
+    """``kind`` 'cnn' (``orthogonal_cnn`` on images, ``widths`` its stages) or 'mlp' (``orthogonal_mlp`` on the
+    flattened input, ``widths`` its hidden layers): the networks ``lipdp train`` and the recipes build."""
+    if kind == "cnn":
+        return orthogonal_cnn(input_shape, num_classes, widths=tuple(widths), input_norm_bound=input_norm_bound)
+    if kind == "mlp":
+        return orthogonal_mlp(math.prod(input_shape), num_classes, hidden=tuple(widths),
+                              input_norm_bound=input_norm_bound)
+    raise ValueError(f"unknown network kind {kind!r}. Fix: 'cnn' or 'mlp'")

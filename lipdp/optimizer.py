@@ -77,7 +77,7 @@ class DPOptimizer(torch.optim.Optimizer):
         if self._accumulating:
             return  # micro-batches of one logical batch accumulate until its (real) step
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
-        self.mechanism.materialized.zero_grad()
+        self.mechanism.zero_grad()
         self.passes.reset()
 
     def step(self, closure=None):

@@ -10,7 +10,9 @@ per step also saves the orthogonalisation cost of every extra micro-batch.
 
 from __future__ import annotations
 
+import contextlib
 import types
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -42,6 +44,7 @@ class MaterializedWeights:
         self._leaves: dict[nn.Module, torch.Tensor] = {}
         self._versions: dict[nn.Module, tuple[int, ...]] = {}
         self._raw: dict[nn.Module, list[torch.Tensor]] = {m: list(m.parameters()) for m in self.modules.values()}
+        self._substitutes: dict[nn.Module, torch.Tensor] | None = None
         for module in self.modules.values():
             module.forward = _materialized_forward(module, self)
 
@@ -58,7 +61,10 @@ class MaterializedWeights:
 
     def leaf(self, module: nn.Module) -> torch.Tensor:
         """The weight this step's forwards use; materialised (with its graph when grad is on) once per step,
-        and again whenever a raw tensor changed in place (optimizer step, checkpoint load, weight copy)."""
+        and again whenever a raw tensor changed in place (optimizer step, checkpoint load, weight copy). Inside
+        ``substituted`` the given tensor instead."""
+        if self._substitutes is not None:
+            return self._substitutes[module]
         leaf = self._leaves.get(module)
         stale = self._versions.get(module) != self._raw_versions(module)
         needs_graph = torch.is_grad_enabled() and module not in self._graphs
@@ -71,6 +77,16 @@ class MaterializedWeights:
             self._leaves[module] = leaf
             self._versions[module] = self._raw_versions(module)
         return leaf
+
+    @contextlib.contextmanager
+    def substituted(self, weights: dict[nn.Module, torch.Tensor]) -> Iterator[None]:
+        """Forwards inside this block use ``weights`` (module -> tensor) as the materialised weights: the per-sample
+        replay of ``lipdp.clipping`` differentiates with respect to them (torch.func)."""
+        previous, self._substitutes = self._substitutes, weights
+        try:
+            yield
+        finally:
+            self._substitutes = previous
 
     def gradients(self) -> dict[str, torch.Tensor | None]:
         """Summed gradient of each materialised weight since the last ``invalidate`` (None if unused)."""

@@ -43,6 +43,8 @@ class TrainConfig:
     views: int = 1  # K views per record (augmentation multiplicity): no privacy cost, K times the compute
     max_shift: int = 0  # views shifted by up to this many pixels (zero-filled), images only
     flip: bool = False  # views flipped left-right at random, images only
+    mechanism: str = "bounds"  # or "clipping": DP-SGD's per-sample clipping on the same model (lipdp.clipping)
+    max_grad_norm: float | None = None  # the clipping norm C of mechanism="clipping"
 
 
 def view_augmentation(config: TrainConfig) -> Augmentation | None:
@@ -106,7 +108,7 @@ def train_private(
         criterion=criterion, target_epsilon=config.epsilon, target_delta=config.delta, epochs=config.epochs,
         input_norm_bound=config.input_norm_bound, noise_strategy=config.noise_strategy,
         loss_grad_clip=config.loss_grad_clip, max_epsilon=config.epsilon, views=config.views,
-        augment=view_augmentation(config),
+        augment=view_augmentation(config), mechanism=config.mechanism, max_grad_norm=config.max_grad_norm,
     )
     averaged = WeightAverage(model, config.weight_averaging) if config.weight_averaging else None
     total_steps = config.epochs * loader.steps_per_epoch

@@ -32,7 +32,6 @@ calibration part; they are there for comparison.
 from __future__ import annotations
 
 import argparse
-import math
 import logging
 import sys
 from pathlib import Path
@@ -60,7 +59,7 @@ from lipdp.conformal import (
 )
 from lipdp.datasets import load_dataset, train_validation_split
 from lipdp.evaluation import predict
-from lipdp.models import orthogonal_cnn, orthogonal_mlp
+from lipdp.models import orthogonal_network
 from lipdp.training import TrainConfig, train_private
 
 logger = logging.getLogger(__name__)
@@ -129,11 +128,7 @@ def run(dataset: str = "fashion-mnist", alpha: float = 0.1, radius: float = 0.25
     test = _subset(splits.test, test_size, seed)
 
     torch.manual_seed(seed)
-    if settings["model"] == "cnn":
-        model = orthogonal_cnn(splits.input_shape, splits.num_classes, widths=tuple(widths),
-                               input_norm_bound=input_norm_bound)
-    else:
-        model = orthogonal_mlp(math.prod(splits.input_shape), splits.num_classes, hidden=tuple(widths),
+    model = orthogonal_network(settings["model"], splits.input_shape, splits.num_classes, widths,
                                input_norm_bound=input_norm_bound)
     config = TrainConfig(epsilon=epsilon, delta=delta, epochs=epochs, batch_size=min(batch_size, len(train)),
                          learning_rate=learning_rate, temperature=temperature, input_norm_bound=input_norm_bound,

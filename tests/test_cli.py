@@ -56,6 +56,21 @@ def test_parse_errors_are_one_line_and_name_help():
     assert_one_line_user_error(run("-m", "recipes.classify", "--head", "mlp"), "python -m recipes.classify", "--head")
 
 
+def test_clipping_without_its_norm_is_one_line():
+    result = run("-m", "lipdp.cli", "train", "--mechanism", "clipping", "--epochs", "1")
+    assert_one_line_user_error(result, "lipdp train", "clipping", "--max-grad-norm")
+
+
+def test_the_cli_s_choices_are_the_library_s():
+    """The CLI repeats a few choice lists so that --help needs no torch; they must stay the library's."""
+    from lipdp.cli import train
+    from lipdp.clipping import MECHANISMS
+    from lipdp.noise import NOISE_STRATEGIES
+    from lipdp.training import OPTIMIZERS
+
+    assert (train.MECHANISMS, train.NOISE_STRATEGIES, train.OPTIMIZERS) == (MECHANISMS, NOISE_STRATEGIES, OPTIMIZERS)
+
+
 def test_budget_errors_are_one_line():
     result = run("-m", "lipdp.cli", "budget", "--noise-multiplier", "-1", "--sample-rate", "0.1", "--steps", "3")
     assert_one_line_user_error(result, "lipdp budget", "--noise-multiplier")

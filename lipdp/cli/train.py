@@ -11,6 +11,7 @@ HELP = "train an orthogonal network privately and report accuracy and (eps, delt
 DESCRIPTION = "Train privately on an offline data set; prints test accuracy and the budget report."
 OPTIMIZERS = ("adam", "sgd")  # lipdp.training.OPTIMIZERS, repeated here so that --help needs no torch
 NOISE_STRATEGIES = ("global", "per_layer", "min_energy")  # lipdp.noise.NOISE_STRATEGIES, same reason
+MECHANISMS = ("bounds", "clipping")  # lipdp.clipping.MECHANISMS, same reason
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how noise is spread over parameter groups (all are accounted as sigma)")
     parser.add_argument("--loss-grad-clip", type=float, default=None,
                         help="clip each sample's logit gradient to this norm (<= sqrt(2) lowers the noise)")
+    parser.add_argument("--mechanism", choices=MECHANISMS, default="bounds",
+                        help="bounds: noise from the certified per-sample bounds (no per-sample work); clipping: "
+                             "DP-SGD's per-sample clipping on the same model, to compare (needs --max-grad-norm)")
+    parser.add_argument("--max-grad-norm", type=float, default=None, metavar="C",
+                        help="with --mechanism clipping: the norm each record's gradient is clipped to")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
                         help="the optimizer the engine wraps: adam, or sgd with momentum 0.9")
     parser.add_argument("--accountant", choices=("prv", "rdp", "pld"), default="prv", help="privacy accountant")
@@ -57,11 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train with the data set's preset overridden by the flags; print the budget report and the accuracy."""
-    import math
 
     from lipdp import distributed
     from lipdp.datasets import load_dataset, train_validation_split
-    from lipdp.models import orthogonal_cnn, orthogonal_mlp
+    from lipdp.models import orthogonal_network
     from lipdp.presets import choose_model
     from lipdp.training import TrainConfig, train_private
 
@@ -78,12 +83,10 @@ def run(args: argparse.Namespace) -> int:
         learning_rate=args.lr or preset["learning_rate"], temperature=args.temperature or preset["temperature"],
         noise_strategy=args.noise_strategy, loss_grad_clip=args.loss_grad_clip, accountant=args.accountant,
         seed=args.seed, max_physical_batch_size=args.physical_batch_size, optimizer=args.optimizer,
-        views=args.views, max_shift=args.shift, flip=args.flip,
+        views=args.views, max_shift=args.shift, flip=args.flip, mechanism=args.mechanism,
+        max_grad_norm=args.max_grad_norm,
     )
-    if kind == "cnn":
-        model = orthogonal_cnn(splits.input_shape, splits.num_classes, widths=widths)
-    else:
-        model = orthogonal_mlp(math.prod(splits.input_shape), splits.num_classes, hidden=widths)
+    model = orthogonal_network(kind, splits.input_shape, splits.num_classes, widths)
     if not distributed.init_from_env() or distributed.is_main_process():  # under torchrun, rank 0 reports
         print(f"data: {splits.description}")
         parameters = sum(p.numel() for p in model.parameters())

@@ -54,13 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the search, print one line per trial, the selection and the budget; write ``--json``."""
-    import math
     from dataclasses import replace
 
     from accounting.tuning import trial_count
     from lipdp.datasets import load_dataset
     from lipdp.evaluation import accuracy
-    from lipdp.models import orthogonal_cnn, orthogonal_mlp
+    from lipdp.models import orthogonal_network
     from lipdp.presets import choose_model
     from lipdp.training import TrainConfig
     from lipdp.tuning import SearchSpace, tune
@@ -75,9 +74,7 @@ def run(args: argparse.Namespace) -> int:
     count = trial_count(args.distribution, args.mean_trials, args.shape)
 
     def build_model():
-        if kind == "cnn":
-            return orthogonal_cnn(splits.input_shape, splits.num_classes, widths=widths)
-        return orthogonal_mlp(math.prod(splits.input_shape), splits.num_classes, hidden=widths)
+        return orthogonal_network(kind, splits.input_shape, splits.num_classes, widths)
 
     def report(trial, total: int) -> None:
         settings = ", ".join(f"{name}={value}" for name, value in trial.settings.items())

@@ -1,0 +1,147 @@
+"""Certified bounds against per-sample clipping on the SAME orthogonal networks, budgets, data and epochs.
+
+    python -m benchmarks.bounds_vs_clipping                         # both networks, eps 1, 3, 8; rewrites RESULTS.md
+    python -m benchmarks.bounds_vs_clipping --networks digits-mlp --epsilons 3 --results /tmp/R.md
+
+Each network is ``lipdp train``'s preset for its data set (``lipdp.presets``: the Fashion-MNIST orthogonal CNN, the
+digits orthogonal MLP), trained by ``lipdp.training.train_private`` with ``mechanism="bounds"`` (noise from the
+certified per-sample bounds) and with ``mechanism="clipping"`` (DP-SGD: each record's gradient clipped to C, noise
+sigma C; ``lipdp.clipping``), with the same sampling, accountant, optimizer, schedule, seed and epochs. The clipping
+norm C is chosen per network at epsilon = 3 on a validation split cut from the training data (``CLIP_GRID``); the
+test split is then read once per (network, epsilon, mechanism). Every run is its own process: the median step time
+(``StepTimer``) and the peak resident memory are its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from benchmarks.harness import ChildFailed, StepTimer, machine_description, peak_rss_bytes, run_child
+from benchmarks.report import OUT_DIR, RESULTS, load_average, machine_paragraph, mebibytes, milliseconds, table, \
+    write_json, write_section
+
+logger = logging.getLogger(__name__)
+
+SECTION = "bounds_vs_clipping"
+NETWORKS = {"fashion-mnist-cnn": "fashion-mnist", "digits-mlp": "digits"}
+CLIP_GRID = (0.25, 1.0, 4.0)
+VALIDATION_FRACTION = 0.2
+
+
+def train_one(network: str, epsilon: float, mechanism: str, max_grad_norm: float | None, validation: bool,
+              seed: int) -> dict:
+    """One private run in this process: held-out accuracy, (epsilon, delta), median step time, peak memory."""
+    import torch
+
+    from lipdp.datasets import load_dataset, train_validation_split
+    from lipdp.models import orthogonal_network
+    from lipdp.presets import choose_model
+    from lipdp.training import TrainConfig, train_private
+
+    dataset = NETWORKS[network]
+    splits = load_dataset(dataset, seed=seed)
+    train, held_out = splits.train, splits.test
+    if validation:
+        train, held_out = train_validation_split(splits.train, VALIDATION_FRACTION, seed=seed)
+    kind, preset = choose_model(splits.name, splits.input_shape)
+    torch.manual_seed(seed)
+    model = orthogonal_network(kind, splits.input_shape, splits.num_classes, preset["widths"])
+    config = TrainConfig(epsilon=epsilon, epochs=preset["epochs"], batch_size=min(preset["batch_size"], len(train)),
+                         learning_rate=preset["learning_rate"], temperature=preset["temperature"], seed=seed,
+                         mechanism=mechanism, max_grad_norm=max_grad_norm)
+    with StepTimer() as timer:
+        result, _ = train_private(model, train, held_out, config, progress=False)
+    return {"network": network, "kind": kind, "widths": list(preset["widths"]), "epsilon": epsilon,
+            "mechanism": mechanism, "max_grad_norm": max_grad_norm, "evaluated_on": "validation" if validation else "test",
+            "accuracy": result.test_accuracy, "epsilon_spent": result.epsilon, "noise_multiplier": result.noise_multiplier,
+            "epochs": config.epochs, "batch_size": config.batch_size, "steps": result.steps,
+            "step_seconds": timer.median(), "train_seconds": result.seconds, "peak_rss_bytes": peak_rss_bytes()}
+
+
+def run_isolated(network: str, epsilon: float, mechanism: str, max_grad_norm: float | None, validation: bool,
+                 seed: int) -> dict:
+    """``train_one`` in a fresh interpreter (its own peak memory)."""
+    argv = ["--child", network, str(epsilon), mechanism, str(max_grad_norm), str(int(validation)), str(seed)]
+    outcome = run_child("benchmarks.bounds_vs_clipping", argv, capture_stderr=True)
+    if outcome.result is None:
+        raise ChildFailed(f"{network} eps={epsilon} {mechanism}: exit {outcome.returncode}\n{outcome.stderr_tail}")
+    return outcome.result
+
+
+def choose_clip(network: str, seed: int) -> tuple[float, list[dict]]:
+    """The C of ``CLIP_GRID`` with the best validation accuracy at epsilon = 3 (and every validation run)."""
+    runs = [run_isolated(network, 3.0, "clipping", clip, True, seed) for clip in CLIP_GRID]
+    for run in runs:
+        logger.info("%s validation C=%g: %.4f", network, run["max_grad_norm"], run["accuracy"])
+    return max(runs, key=lambda run: run["accuracy"])["max_grad_norm"], runs
+
+
+def render(runs: list[dict], validation: list[dict], threads: set[int], load: list[float]) -> str:
+    """The RESULTS.md section: one row per (network, epsilon), bounds beside clipping."""
+    rows = []
+    by_key = {(r["network"], r["epsilon"], r["mechanism"]): r for r in runs}
+    for network, epsilon in sorted({(r["network"], r["epsilon"]) for r in runs}):
+        bounds, clipping = by_key[(network, epsilon, "bounds")], by_key[(network, epsilon, "clipping")]
+        rows.append([network, f"{bounds['epochs']} x {bounds['batch_size']}", f"{epsilon:g}",
+                     f"{100 * bounds['accuracy']:.2f}",
+                     f"{100 * clipping['accuracy']:.2f} (C={clipping['max_grad_norm']:g})",
+                     milliseconds(bounds["step_seconds"]), milliseconds(clipping["step_seconds"]),
+                     f"{clipping['step_seconds'] / bounds['step_seconds']:.2f}",
+                     mebibytes(bounds["peak_rss_bytes"]), mebibytes(clipping["peak_rss_bytes"])])
+    chosen = ", ".join(f"{r['network']} C={r['max_grad_norm']:g}: {100 * r['accuracy']:.2f}%" for r in validation)
+    return "\n".join([
+        "Certified bounds (`mechanism=\"bounds\"`) against DP-SGD's per-sample clipping (`mechanism=\"clipping\"`) on "
+        "the same orthogonal network, data, budget (delta = 1e-5), sampling, accountant, optimizer, schedule, seed and "
+        "epochs (`lipdp train`'s presets). Test accuracy, one seed; median step time and peak resident memory of each "
+        f"run in its own process. C chosen at epsilon = 3 on a {VALIDATION_FRACTION:g} validation split of the training "
+        f"data from {CLIP_GRID} ({chosen}); the test split read once per row and side. "
+        "Regenerate: `python -m benchmarks.bounds_vs_clipping`.",
+        "",
+        table(["network", "epochs x batch", "epsilon", "bounds acc. %", "clipping acc. %", "bounds step", "clipping step",
+               "clipping/bounds time", "bounds peak RSS", "clipping peak RSS"], rows),
+        "",
+        machine_paragraph(threads, load),
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the comparison (or, with ``--child``, one run) and rewrite the RESULTS.md section."""
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments[:1] == ["--child"]:
+        network, epsilon, mechanism, clip, validation, seed, flag, path = arguments[1:]
+        result = train_one(network, float(epsilon), mechanism, None if clip == "None" else float(clip),
+                           bool(int(validation)), int(seed))
+        Path(path).write_text(json.dumps(result))
+        return 0
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bounds_vs_clipping", description=__doc__.split("\n")[0])
+    parser.add_argument("--networks", nargs="+", choices=sorted(NETWORKS), default=sorted(NETWORKS))
+    parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="markdown file whose section is rewritten")
+    args = parser.parse_args(arguments)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    load = load_average()
+    import torch
+
+    runs, validation = [], []
+    for network in args.networks:
+        clip, tried = choose_clip(network, args.seed)
+        validation += tried
+        for epsilon in args.epsilons:
+            for mechanism, norm in (("bounds", None), ("clipping", clip)):
+                run = run_isolated(network, epsilon, mechanism, norm, False, args.seed)
+                logger.info("%s eps=%g %s: %.4f, step %.1f ms", network, epsilon, mechanism, run["accuracy"],
+                            1e3 * run["step_seconds"])
+                runs.append(run)
+    body = render(runs, validation, {torch.get_num_threads()}, load)
+    write_json(OUT_DIR / f"{SECTION}.json", {"machine": machine_description(), "runs": runs, "validation": validation})
+    print(f"wrote {write_section(SECTION, body, args.results)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
