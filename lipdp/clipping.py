@@ -48,39 +48,28 @@ class _HookFree(nn.Module):
         return self.model.forward(x)
 
 
-class PerSampleClipping:
-    """Accumulates sum_i clip_C(grad(x_i)) over the step's backward passes, keyed like the mechanism's gradients
-    (plain parameter names, and ``path.weight`` for materialised weights)."""
+class PerRowGradients:
+    """grad_theta <f_theta(x_r), g_r> for every row r of a batch: each row's gradient of the model's plain parameters
+    and materialised weights given the output gradient g_r, by ``torch.func`` (vmap of grad) on a hook-free call of
+    the same model (materialised weights substituted: ``MaterializedWeights.substituted``). Keys: plain parameter
+    names, ``path.weight`` for materialised weights (the mechanism's keys)."""
 
-    def __init__(self, model: nn.Module, materialized: MaterializedWeights, plain: dict[str, nn.Parameter],
-                 max_grad_norm: float, views: int = 1) -> None:
-        self.model = model
+    def __init__(self, model: nn.Module, materialized: MaterializedWeights, plain: dict[str, nn.Parameter]) -> None:
         self.materialized = materialized
         self.plain = plain
-        self.max_grad_norm = float(max_grad_norm)
-        self.views = views
         self.replay = _HookFree(model)
-        self.sums: dict[str, torch.Tensor] = {}
-        self.records = 0  # records clipped since the last reset (public rows included)
-        self.handle = model.register_forward_hook(self._capture)
 
-    def _capture(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        if isinstance(output, torch.Tensor) and output.requires_grad:
-            inputs, views = args[0].detach(), (1 if in_public_block() else self.views)
-            weights = self._weights()
-            output.register_hook(lambda grad_output: self._accumulate(weights, inputs, grad_output, views))
-
-    def _weights(self) -> dict[str, torch.Tensor]:
-        """The tensors this forward used: plain parameters and materialised weights, detached."""
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The tensors a forward uses now: plain parameters and materialised weights, detached."""
         weights = {name: parameter.detach() for name, parameter in self.plain.items()}
         with torch.no_grad():
             weights.update((key, self.materialized.leaf(module).detach())
                            for key, module in self.materialized.modules.items())
         return weights
 
-    def _row_gradients(self, weights: dict[str, torch.Tensor], inputs: torch.Tensor,
-                       grad_outputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        """grad_theta <f_theta(x_r), g_r> for every row r (torch.func), keyed like ``weights``."""
+    def __call__(self, weights: dict[str, torch.Tensor], inputs: torch.Tensor,
+                 grad_outputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-row gradients (leading dimension: the rows of ``inputs``), keyed like ``weights``."""
         model_prefix = {name: f"model.{name}" for name in self.plain}
         modules = self.materialized.modules
 
@@ -91,6 +80,26 @@ class PerSampleClipping:
             return (output * g.unsqueeze(0)).sum()
 
         return vmap(grad(inner_product), in_dims=(None, 0, 0))(weights, inputs, grad_outputs)
+
+
+class PerSampleClipping:
+    """Accumulates sum_i clip_C(grad(x_i)) over the step's backward passes, keyed like the mechanism's gradients
+    (plain parameter names, and ``path.weight`` for materialised weights)."""
+
+    def __init__(self, model: nn.Module, materialized: MaterializedWeights, plain: dict[str, nn.Parameter],
+                 max_grad_norm: float, views: int = 1) -> None:
+        self.max_grad_norm = float(max_grad_norm)
+        self.views = views
+        self.row_gradients = PerRowGradients(model, materialized, plain)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.records = 0  # records clipped since the last reset (public rows included)
+        self.handle = model.register_forward_hook(self._capture)
+
+    def _capture(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            inputs, views = args[0].detach(), (1 if in_public_block() else self.views)
+            weights = self.row_gradients.weights()
+            output.register_hook(lambda grad_output: self._accumulate(weights, inputs, grad_output, views))
 
     def _accumulate(self, weights: dict[str, torch.Tensor], inputs: torch.Tensor, grad_outputs: torch.Tensor,
                     views: int) -> None:
@@ -107,7 +116,7 @@ class PerSampleClipping:
         for start in range(0, records, chunk):
             x = inputs[:, start:start + chunk].flatten(0, 1)
             g = grad_outputs[:, start:start + chunk].flatten(0, 1)
-            per_row = self._row_gradients(weights, x, g)
+            per_row = self.row_gradients(weights, x, g)
             per_record = {name: rows_.reshape(views, -1, *rows_.shape[1:]).sum(0) for name, rows_ in per_row.items()}
             squares = sum(value.flatten(1).double().pow(2).sum(1) for value in per_record.values())
             factors = (self.max_grad_norm / squares.sqrt().clamp_min(1e-300)).clamp(max=1.0)

@@ -43,6 +43,35 @@ def orthogonal_cnn(
     return nn.Sequential(*layers)
 
 
+def orthogonal_patch_cnn(
+    input_shape: Sequence[int],
+    num_classes: int,
+    widths: Sequence[int] = (32, 64),
+    dense_width: int = 256,
+    input_norm_bound: float = 1.0,
+    patch_size: int = 2,
+    depth: int = 1,
+) -> nn.Sequential:
+    """A network whose trainable layers have no patch-overlap factor in their gradient bounds (docs/design.md §2):
+    stages of [orthogonal patch convolution (kernel = stride = ``patch_size``: each input pixel is read once) ->
+    MaxMin -> ``depth - 1`` x (orthogonal 1x1 convolution -> MaxMin)], then the whole map flattened into an orthogonal
+    dense layer (one position) -> MaxMin -> an orthogonal head. Spatial mixing happens only where patches merge, so
+    each weight's certified bound sqrt(m) G X has m = 1."""
+    channels, height, width = input_shape
+    layers: list[nn.Module] = [InputNormClip(input_norm_bound)]
+    for out_channels in widths:
+        if min(height, width) < patch_size:
+            break
+        layers += [AdaptiveOrthoConv2d(channels, out_channels, patch_size, stride=patch_size, padding=0,
+                                       padding_mode="zeros", bias=False), MaxMin()]
+        for _ in range(depth - 1):
+            layers += [AdaptiveOrthoConv2d(out_channels, out_channels, 1, padding=0, bias=False), MaxMin()]
+        channels, height, width = out_channels, height // patch_size, width // patch_size
+    layers += [nn.Flatten(), OrthoLinear(channels * height * width, dense_width), MaxMin(),
+               OrthoLinear(dense_width, num_classes)]
+    return nn.Sequential(*layers)
+
+
 def orthogonal_mlp(
     in_features: int,
     out_features: int,
@@ -60,13 +89,20 @@ def orthogonal_mlp(
     return nn.Sequential(*layers)
 
 
+#: The kinds ``orthogonal_network`` builds; all but 'mlp' need images.
+NETWORK_KINDS = ("cnn", "patch", "mlp")
+
+
 def orthogonal_network(kind: str, input_shape: Sequence[int], num_classes: int, widths: Sequence[int],
                        input_norm_bound: float = 1.0) -> nn.Sequential:
-    """``kind`` 'cnn' (``orthogonal_cnn`` on images, ``widths`` its stages) or 'mlp' (``orthogonal_mlp`` on the
-    flattened input, ``widths`` its hidden layers): the networks ``lipdp train`` and the recipes build."""
+    """``kind`` 'cnn' (``orthogonal_cnn`` on images, ``widths`` its stages), 'patch' (``orthogonal_patch_cnn``, the
+    same) or 'mlp' (``orthogonal_mlp`` on the flattened input, ``widths`` its hidden layers): the networks
+    ``lipdp train`` and the recipes build."""
     if kind == "cnn":
         return orthogonal_cnn(input_shape, num_classes, widths=tuple(widths), input_norm_bound=input_norm_bound)
+    if kind == "patch":
+        return orthogonal_patch_cnn(input_shape, num_classes, widths=tuple(widths), input_norm_bound=input_norm_bound)
     if kind == "mlp":
         return orthogonal_mlp(math.prod(input_shape), num_classes, hidden=tuple(widths),
                               input_norm_bound=input_norm_bound)
-    raise ValueError(f"unknown network kind {kind!r}. Fix: 'cnn' or 'mlp'")
+    raise ValueError(f"unknown network kind {kind!r}. Fix: 'cnn', 'patch' or 'mlp'")

@@ -16,6 +16,12 @@ TRAIN_PRESETS: dict[str, dict] = {
     "default": dict(model=None, epochs=30, batch_size=256, learning_rate=2e-2, widths=(32, 64), temperature=8.0),
 }
 
+#: A model kind's preset where the data set's own is for another kind (else the "default" one). The patch CNN's: the
+#: Fashion-MNIST CNN's length and learning rate (its validation accuracy: README).
+KIND_PRESETS: dict[str, dict] = {
+    "patch": dict(epochs=6, batch_size=2048, learning_rate=1e-2, widths=(32, 64), temperature=8.0),
+}
+
 #: ``lipdp demo``: pixels centred on their private mean -> InputNormClip -> Lipschitz linear head, min-energy noise
 #: (the classification recipe's settings for its linear head, README), per data set the epochs and batch size.
 DEMO_PRESET = dict(epsilon=3.0, delta=1e-5, learning_rate=0.1, temperature=1.0, loss_grad_clip=0.5,
@@ -24,20 +30,22 @@ DEMO_LENGTH = {"fashion-mnist": dict(epochs=10, batch_size=4096), "digits": dict
 
 
 def train_preset(dataset: str, model: str | None = None) -> dict:
-    """``lipdp train``'s defaults for ``dataset``; with ``model`` ('cnn' / 'mlp') different from the data set's own
-    choice, the generic preset for that model (its widths and learning rate)."""
+    """``lipdp train``'s defaults for ``dataset``; with ``model`` ('cnn' / 'patch' / 'mlp') different from the data
+    set's own choice, the generic preset for that model (``KIND_PRESETS``, else the default widths and learning
+    rate)."""
     preset = TRAIN_PRESETS.get(dataset, TRAIN_PRESETS["default"])
     if model is not None and preset["model"] not in (None, model):
-        return {**TRAIN_PRESETS["default"], "model": model}
+        return {**TRAIN_PRESETS["default"], **KIND_PRESETS.get(model, {}), "model": model}
     return dict(preset)
 
 
 def choose_model(dataset: str, input_shape: tuple[int, ...], requested: str | None = None) -> tuple[str, dict]:
-    """The model kind ('cnn' / 'mlp') and its preset: ``requested``, else the data set's, else the CNN for images
-    and the MLP otherwise. A CNN on data that are not images is refused (one line with the fix)."""
+    """The model kind ('cnn' / 'patch' / 'mlp') and its preset: ``requested``, else the data set's, else the CNN for
+    images and the MLP otherwise. A convolutional kind on data that are not images is refused (one line with the
+    fix)."""
     image = len(input_shape) == 3
     kind = requested or train_preset(dataset)["model"] or ("cnn" if image else "mlp")
-    if kind == "cnn" and not image:
-        raise ValueError(f"--model cnn needs image data; {dataset} has samples of shape {tuple(input_shape)}. "
+    if kind != "mlp" and not image:
+        raise ValueError(f"--model {kind} needs image data; {dataset} has samples of shape {tuple(input_shape)}. "
                          "Fix: use --model mlp")
     return kind, train_preset(dataset, kind)

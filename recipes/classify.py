@@ -155,37 +155,66 @@ def build_model(head: str, input_shape: tuple[int, ...], num_classes: int, width
     return orthogonal_cnn(input_shape, num_classes, widths=widths)
 
 
-def run(dataset: str = "fashion-mnist", epsilon: float = 3.0, delta: float = 1e-5, seed: int = 0,
-        front_end: str = DEFAULT_FRONT_END, head: str = "linear", validation: bool = False, progress: bool = True,
-        saliency: Path | None = None, **overrides) -> dict:
-    """One private training run; returns accuracy, certified accuracy, (epsilon, delta), timings. With
-    ``saliency``, also saves the input-gradient maps of the first test images there (PNG)."""
+class PrivateFeatures(NamedTuple):
+    """What :func:`private_features` returns: the preprocessed rows and the engine that released their statistics."""
+
+    train: TensorDataset  # the training rows, preprocessed with the released statistics
+    evaluation: TensorDataset  # the validation split if asked, else the test split, preprocessed the same way
+    preprocessing: PrivatePreprocessing  # the released centring and whitening (for other inputs)
+    input_shape: tuple[int, ...]  # of one row, as the head takes it
+    num_classes: int
+    description: str
+    blocks: list[ChannelBlock]  # where the scattering parts' (channels, positions) blocks sit in a row
+    engine: LipDPEngine  # its accountant holds the releases; train with it (or pass its history on)
+
+
+def private_features(dataset: str = "fashion-mnist", front_end: str = DEFAULT_FRONT_END, head: str = "linear",
+                     validation: bool = False, seed: int = 0, accountant: str = "prv", *,
+                     groups: int = DEFAULTS["groups"], centring_noise: float | None = DEFAULTS["centring_noise"],
+                     whitening_noise: float | None = DEFAULTS["whitening_noise"],
+                     whitening_floor: float = DEFAULTS["whitening_floor"],
+                     normalisation: str = DEFAULTS["normalisation"], radius: float = RADIUS,
+                     order_weights: tuple[float, ...] = ORDER_WEIGHTS) -> PrivateFeatures:
+    """The recipe's inputs for ``head``: the front end's features of both splits (flat rows for the linear head),
+    centred and whitened with statistics of the training rows released through a fresh engine (seeded with
+    ``seed``; a noise multiplier of 0/None skips a release). Its accountant holds the releases, to be paid from the
+    same (epsilon, delta) by whatever trains on the rows. ``radius`` is used by the ``lipschitz`` normalisation."""
     parse_front_end(front_end)  # a clear error for unknown parts
     if head == "cnn" and front_end != "pixels":
         raise ValueError(f"the cnn head convolves images: use front_end='pixels' (the {front_end} front end gives "
                          "flat feature vectors, for the linear head)")
-    settings = {**DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}}
-    preprocessing_settings = {name: settings.pop(name) for name in PREPROCESSING_SETTINGS}
-    groups, normalisation = preprocessing_settings["groups"], preprocessing_settings["normalisation"]
-    order_weights = tuple(preprocessing_settings["order_weights"])
+    order_weights = tuple(order_weights)
     train, evaluation, input_shape, num_classes, description, blocks = prepare_data(
         dataset, front_end, groups, validation, seed, normalisation, order_weights)
     if head == "linear" and front_end == "pixels":
         train = TensorDataset(train.tensors[0].flatten(1), train.tensors[1])
         evaluation = TensorDataset(evaluation.tensors[0].flatten(1), evaluation.tensors[1])
         input_shape = (int(torch.tensor(input_shape).prod()),)
-    model = build_model(head, input_shape, num_classes)
+    engine = LipDPEngine(accountant=accountant, seed=seed)
+    preprocessing, train_rows = release_preprocessing(
+        engine, train.tensors[0], blocks, centring_noise, whitening_noise, whitening_floor,
+        radius if normalisation == "lipschitz" else None)
+    return PrivateFeatures(TensorDataset(train_rows, train.tensors[1]),
+                           TensorDataset(preprocessing(evaluation.tensors[0]), evaluation.tensors[1]),
+                           preprocessing, input_shape, num_classes, description, blocks, engine)
+
+
+def run(dataset: str = "fashion-mnist", epsilon: float = 3.0, delta: float = 1e-5, seed: int = 0,
+        front_end: str = DEFAULT_FRONT_END, head: str = "linear", validation: bool = False, progress: bool = True,
+        saliency: Path | None = None, **overrides) -> dict:
+    """One private training run; returns accuracy, certified accuracy, (epsilon, delta), timings. With
+    ``saliency``, also saves the input-gradient maps of the first test images there (PNG)."""
+    settings = {**DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}}
+    preprocessing_settings = {name: settings.pop(name) for name in PREPROCESSING_SETTINGS}
+    normalisation = preprocessing_settings["normalisation"]
+    order_weights = tuple(preprocessing_settings["order_weights"])
+    features = private_features(dataset, front_end, head, validation, seed,
+                                settings.get("accountant", TrainConfig.accountant), **preprocessing_settings)
+    train, evaluation, preprocessing = features.train, features.evaluation, features.preprocessing
+    model = build_model(head, features.input_shape, features.num_classes)
     config = TrainConfig(epsilon=epsilon, delta=delta, seed=seed,
                          batch_size=min(settings.pop("batch_size"), len(train)), **settings)
-    engine = LipDPEngine(accountant=config.accountant, seed=seed)
-    # statistics of the training features, released privately (accounted in the same budget)
-    preprocessing, train_rows = release_preprocessing(
-        engine, train.tensors[0], blocks, preprocessing_settings["centring_noise"],
-        preprocessing_settings["whitening_noise"], preprocessing_settings["whitening_floor"],
-        preprocessing_settings["radius"] if normalisation == "lipschitz" else None)
-    train = TensorDataset(train_rows, train.tensors[1])
-    evaluation = TensorDataset(preprocessing(evaluation.tensors[0]), evaluation.tensors[1])
-    result, engine = train_private(model, train, evaluation, config, progress=progress, engine=engine)
+    result, engine = train_private(model, train, evaluation, config, progress=progress, engine=features.engine)
     lipschitz = engine.lipschitz_constant()
     # lipschitz: every stage before the head is certified (front end 1, preprocessing), radii in the images' units
     pixel_lipschitz = lipschitz * preprocessing.lipschitz() if normalisation == "lipschitz" else None
@@ -193,18 +222,18 @@ def run(dataset: str = "fashion-mnist", epsilon: float = 3.0, delta: float = 1e-
         model, evaluation, r, lipschitz if pixel_lipschitz is None else pixel_lipschitz) for r in RADII}
     if saliency is not None:
         # A copy without the engine's training hooks (they rescale and clip gradients at the output).
-        released = build_model(head, input_shape, num_classes)
+        released = build_model(head, features.input_shape, features.num_classes)
         released.load_state_dict(model.state_dict())
         images, labels = load_dataset(dataset, seed=seed).test.tensors
-        logits = logits_of_pixels(released.eval(), front_end, groups, tuple(images.shape[1:]),
-                                  flatten=head == "linear", preprocessing=preprocessing,
+        logits = logits_of_pixels(released.eval(), front_end, preprocessing_settings["groups"],
+                                  tuple(images.shape[1:]), flatten=head == "linear", preprocessing=preprocessing,
                                   normalisation=normalisation, order_weights=order_weights)
         save_saliency_maps(logits, images[:SALIENCY_IMAGES], labels[:SALIENCY_IMAGES], saliency)
     return {
-        "dataset": dataset, "description": description, "front_end": front_end, "head": head,
+        "dataset": dataset, "description": features.description, "front_end": front_end, "head": head,
         "evaluated_on": "validation" if validation else "test", "config": asdict(config),
         "centring_noise": preprocessing_settings["centring_noise"] or None,
-        "whitening_noise": (preprocessing_settings["whitening_noise"] or None) if blocks else None,
+        "whitening_noise": (preprocessing_settings["whitening_noise"] or None) if features.blocks else None,
         "accuracy": result.test_accuracy, "epsilon": result.epsilon, "delta": delta,
         "noise_multiplier": result.noise_multiplier, "steps": result.steps, "train_seconds": result.seconds,
         "normalisation": normalisation,

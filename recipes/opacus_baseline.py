@@ -10,7 +10,9 @@ Training: Opacus ``PrivacyEngine.make_private`` with Poisson sampling (its defau
 ``max_grad_norm``, SGD with momentum (Tramèr & Boneh's Fashion-MNIST settings: batch 2048, lr 4, momentum 0.9,
 C = 0.1). The noise multiplier is calibrated with lipdp's own accountant (``accounting.calibrate_noise``, PRV by
 default) at Opacus's sample rate q = 1 / len(loader) and its number of steps, and the epsilon spent is
-reported by the same accountant, so both methods are held to the same (epsilon, delta).
+reported by the same accountant, so both methods are held to the same (epsilon, delta). Mechanisms released on the
+same data before training (``spent``: e.g. the classify recipe's private mean and channel moments) are composed
+with the steps, in the calibration and in the epsilon reported, as lipdp's engine does.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from accounting import PrivacyAccountant, calibrate_noise
+from accounting import HistoryEntry, PrivacyAccountant, calibrate_noise
 from lipdp.evaluation import accuracy
 
 logger = logging.getLogger(__name__)
@@ -78,7 +80,9 @@ class OpacusConfig:
 
 @dataclass
 class OpacusResult:
-    """Outcome of :func:`train_opacus`; ``epsilon`` is from lipdp's accountant over the steps taken."""
+    """Outcome of :func:`train_opacus`; ``epsilon`` is from lipdp's accountant over the steps taken (and the
+    mechanisms spent before them); ``steps`` is the accountant's count, those mechanisms included (as in
+    ``lipdp.training.TrainResult``)."""
 
     test_accuracy: float
     epsilon: float
@@ -122,21 +126,27 @@ def make_private(
 
 
 def train_opacus(model: nn.Module, train_set: TensorDataset, test_set: TensorDataset, config: OpacusConfig,
-                 progress: bool = True) -> OpacusResult:
-    """Train ``model`` with Opacus DP-SGD at (config.epsilon, config.delta); returns accuracy and budget."""
+                 progress: bool = True, spent: Sequence[HistoryEntry] = ()) -> OpacusResult:
+    """Train ``model`` with Opacus DP-SGD at (config.epsilon, config.delta); returns accuracy and budget.
+
+    ``spent``: mechanisms already released on ``train_set`` (an accountant history, e.g. the private statistics of
+    ``recipes.classify.private_features``: ``engine.accountant.history``). The noise is calibrated so that they and
+    the training steps together meet (epsilon, delta), and the reported epsilon includes them.
+    """
     torch.manual_seed(config.seed)
     loader = DataLoader(train_set, batch_size=config.batch_size,
                         generator=torch.Generator().manual_seed(config.seed))
     sample_rate = 1 / len(loader)  # Opacus's Poisson rate for this loader
     total_steps = config.epochs * len(loader)
-    sigma = calibrate_noise(config.epsilon, config.delta, sample_rate, steps=total_steps, backend=config.accountant)
+    sigma = calibrate_noise(config.epsilon, config.delta, sample_rate, steps=total_steps, backend=config.accountant,
+                            spent=spent)
     logger.info("Opacus noise multiplier %.4f for (%.3g, %.1g)-DP over %d steps at q=%.4g", sigma, config.epsilon,
                 config.delta, total_steps, sample_rate)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum)
     model, optimizer, criterion, loader = make_private(
         model, optimizer, loader, nn.CrossEntropyLoss(), sigma, config.max_grad_norm, config.grad_sample_mode,
         config.seed)
-    accountant = PrivacyAccountant(config.accountant)
+    accountant = PrivacyAccountant(config.accountant, history=spent)
     start = time.perf_counter()
     epoch_log = []
     for epoch in range(1, config.epochs + 1):

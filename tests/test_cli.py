@@ -65,10 +65,12 @@ def test_the_cli_s_choices_are_the_library_s():
     """The CLI repeats a few choice lists so that --help needs no torch; they must stay the library's."""
     from lipdp.cli import train
     from lipdp.clipping import MECHANISMS
+    from lipdp.models import NETWORK_KINDS
     from lipdp.noise import NOISE_STRATEGIES
     from lipdp.training import OPTIMIZERS
 
-    assert (train.MECHANISMS, train.NOISE_STRATEGIES, train.OPTIMIZERS) == (MECHANISMS, NOISE_STRATEGIES, OPTIMIZERS)
+    assert (train.MECHANISMS, train.NOISE_STRATEGIES, train.OPTIMIZERS, train.MODELS) == (
+        MECHANISMS, NOISE_STRATEGIES, OPTIMIZERS, NETWORK_KINDS)
 
 
 def test_budget_errors_are_one_line():

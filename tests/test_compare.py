@@ -10,11 +10,15 @@ import pytest
 import torch
 from torch import nn
 
+from accounting import PrivacyAccountant, calibrate_noise
 from benchmarks import batch_size, harness, report, step_time
 from benchmarks.measure import Configuration, Measurement, measure, run_isolated
 from lipdp.datasets import load_dataset
-from recipes import compare
+from lipdp.engine import LipDPEngine
+from recipes import classify, compare
+from recipes.front_end import release_preprocessing
 from recipes.opacus_baseline import OpacusConfig, groupnorm_cnn, train_opacus
+from tests.test_cli import assert_one_line_user_error, run
 
 
 @pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 32, 32)])
@@ -60,18 +64,99 @@ def _fake_side(accuracy: float, step: float) -> dict:
 
 def test_compare_report_and_plot(tmp_path):
     settings = compare.CompareSettings(dataset="digits", epochs=1)
-    results = {"lipdp": _fake_side(0.8, 0.01), "opacus": _fake_side(0.7, 0.02)}
+    results = {"lipdp": _fake_side(0.8, 0.01), "opacus-cnn": _fake_side(0.7, 0.02),
+               "opacus-classify-linear": _fake_side(0.75, 0.005)}
     text = compare.markdown_report(settings, results, harness.machine_description())
     for expected in ("test accuracy", "80.00%", "median step time", "20.0 ms", "peak memory", "500 MiB",
-                     "process wall time", "epsilon spent", "2.990"):
+                     "process wall time", "epsilon spent", "2.990", "|  | lipdp | Opacus cnn (ghost) | "
+                     "Opacus classify-linear (ghost) |", "75.00%"):
         assert expected in text
     assert compare.plot(settings, results, tmp_path / "c.png").stat().st_size > 0
+    validation = compare.markdown_report(compare.CompareSettings(validation=True), results,
+                                         harness.machine_description())
+    assert "| validation accuracy |" in validation and "(validation split)" in validation
 
 
 def test_compare_command_line_matches_settings():
     args = compare.build_parser().parse_args(["--dataset", "digits", "--epochs", "2", "--opacus-lr", "3"])
     assert (args.dataset, args.epochs, args.opacus_learning_rate, args.side) == ("digits", 2, 3.0, None)
     assert set(compare.CompareSettings.__dataclass_fields__) - set(vars(args)) == {"progress"}
+    assert args.opacus_model == ["cnn"] and not args.validation
+
+
+def test_each_opacus_model_has_its_own_hyper_parameters():
+    for name, model in compare.OPACUS_MODELS.items():
+        settings = compare.CompareSettings(opacus_model=name)
+        assert (settings.opacus_batch_size, settings.opacus_learning_rate, settings.opacus_max_grad_norm) == (
+            model.batch_size, model.learning_rate, model.max_grad_norm)
+    assert compare.CompareSettings(opacus_model="classify-linear", opacus_learning_rate=0.5).opacus_learning_rate == 0.5
+    assert compare.CompareSettings().opacus_model == "cnn"  # the benchmarks' Opacus side unless asked
+    with pytest.raises(ValueError, match="classify-linear"):
+        compare.CompareSettings(opacus_model="resnet")
+
+
+def test_an_unknown_opacus_model_is_one_line():
+    result = run("-m", "recipes.compare", "--opacus-model", "resnet", timeout=60)
+    assert_one_line_user_error(result, "python -m recipes.compare", "--opacus-model", "resnet", "classify-linear")
+
+
+def test_private_features_are_the_front_end_rows_preprocessed_with_releases():
+    """The inputs run() trains on: the front end's rows, centred and whitened with statistics released by a fresh
+    engine seeded with the run's seed (as run() computed them before private_features existed)."""
+    features = classify.private_features("digits", validation=True, seed=3)
+    prepared = classify.prepare_data("digits", classify.DEFAULT_FRONT_END, classify.DEFAULTS["groups"], True, 3)
+    engine = LipDPEngine(seed=3)
+    preprocessing, rows = release_preprocessing(engine, prepared.train.tensors[0], prepared.blocks, 10.0, 10.0, 0.1)
+    assert torch.equal(features.train.tensors[0], rows)
+    assert torch.equal(features.evaluation.tensors[0], preprocessing(prepared.evaluation.tensors[0]))
+    assert torch.equal(features.evaluation.tensors[1], prepared.evaluation.tensors[1])
+    assert features.engine.accountant.history == engine.accountant.history
+    assert features.engine.accountant.total_steps == 2  # the mean and the channel moments
+    assert features.input_shape == (features.train.tensors[0].shape[1],) and features.num_classes == 10
+    pixels = classify.private_features("digits", front_end="pixels", centring_noise=0)
+    assert pixels.train.tensors[0].shape[1:] == (64,) and not pixels.blocks and not pixels.engine.accountant.history
+
+
+def test_run_spends_the_same_budget_as_before_private_features():
+    """Pinned from run() before the refactoring (digits, 1 epoch, B = 256): the same releases and training steps."""
+    result = classify.run("digits", epochs=1, batch_size=256, progress=False)
+    assert result["noise_multiplier"] == pytest.approx(1.1495581037820761, rel=1e-9)
+    assert result["epsilon"] == pytest.approx(2.999993401156156, rel=1e-9)
+    assert result["steps"] == 8 and (result["centring_noise"], result["whitening_noise"]) == (10.0, 10.0)
+
+
+def test_compare_sides_hold_out_the_classify_recipe_s_validation_split():
+    settings = compare.CompareSettings(dataset="digits", validation=True)
+    _, train, evaluation = compare._splits(settings)
+    features = classify.private_features("digits", validation=True, seed=0)
+    assert len(train) == len(features.train) and len(evaluation) == len(features.evaluation) == 144
+    assert torch.equal(evaluation.tensors[1], features.evaluation.tensors[1])
+
+
+def test_train_opacus_pays_for_what_was_spent_before():
+    features = classify.private_features("digits", seed=0)
+    spent = features.engine.accountant.history
+    config = OpacusConfig(epsilon=3.0, epochs=1, batch_size=256, learning_rate=2.0, max_grad_norm=0.1)
+    result = train_opacus(classify.build_model("linear", features.input_shape, 10), features.train,
+                          features.evaluation, config, progress=False, spent=spent)
+    training_steps = -(-len(features.train) // 256)
+    assert result.steps == training_steps + 2  # the accountant's count: the two releases and the steps
+    assert 2.9 < result.epsilon <= 3.0
+    training_only = PrivacyAccountant("prv", history=[(result.noise_multiplier, result.sample_rate, training_steps)])
+    assert training_only.epsilon(1e-5) < result.epsilon  # the releases are in the reported epsilon
+    assert result.noise_multiplier > calibrate_noise(3.0, 1e-5, result.sample_rate, steps=training_steps)
+
+
+def test_compare_runs_opacus_on_the_classify_features_in_process():
+    settings = compare.CompareSettings(dataset="digits", epochs=1, opacus_model="classify-linear",
+                                       opacus_batch_size=256, progress=False)
+    result = compare.run_side("opacus", settings)
+    assert result["epsilon"] <= 3.0 and result["timed_steps"] == result["steps"] - 2 > 0  # releases: not steps
+    for words in ("scattering+fine-scattering+pixels front end", "centred on a private mean (noise multiplier 10)",
+                  "whitened by private channel moments (noise multiplier 10)", "InputNormClip(1), Linear",
+                  "cross-entropy", "Opacus ghost", f"C={settings.opacus_max_grad_norm}"):
+        assert words in result["model"]
+    assert 0.0 <= result["test_accuracy"] <= 1.0 and result["batch_size"] == 256
 
 
 @pytest.mark.parametrize("method", ["plain-orthogonal", "lipdp", "plain-cnn", "opacus-ghost", "opacus-hooks"])
@@ -139,11 +224,12 @@ def test_compare_end_to_end_on_digits(tmp_path):
     out, results = tmp_path / "out", tmp_path / "RESULTS.md"
     assert compare.main(["--dataset", "digits", "--epochs", "1", "--lipdp-recipe", "cnn", "--lipdp-batch-size", "256",
                          "--opacus-batch-size", "256", "--opacus-lr", "2", "--no-progress", "--out-dir", str(out),
-                         "--results", str(results)]) == 0
+                         "--opacus-model", "cnn", "classify-linear", "--results", str(results)]) == 0
     outcome = json.loads((out / "compare.json").read_text())
-    for side in compare.SIDES:
-        result = outcome["results"][side]
-        assert result["epsilon"] <= 3.0 and result["timed_steps"] == result["steps"]
+    assert list(outcome["results"]) == ["lipdp", "opacus-cnn", "opacus-classify-linear"]
+    for key, result in outcome["results"].items():
+        releases = 2 if key == "opacus-classify-linear" else 0
+        assert result["epsilon"] <= 3.0 and result["timed_steps"] == result["steps"] - releases
         assert result["peak_rss_bytes"] > 0 and result["process_seconds"] > result["train_seconds"]
     assert {p.name for p in out.iterdir()} == {"compare.md", "compare.json", "compare.png"}
     assert "<!-- BEGIN compare -->" in results.read_text() and "## lipdp vs Opacus" in results.read_text()

@@ -12,6 +12,7 @@ DESCRIPTION = "Train privately on an offline data set; prints test accuracy and 
 OPTIMIZERS = ("adam", "sgd")  # lipdp.training.OPTIMIZERS, repeated here so that --help needs no torch
 NOISE_STRATEGIES = ("global", "per_layer", "min_energy")  # lipdp.noise.NOISE_STRATEGIES, same reason
 MECHANISMS = ("bounds", "clipping")  # lipdp.clipping.MECHANISMS, same reason
+MODELS = ("cnn", "patch", "mlp")  # lipdp.models.NETWORK_KINDS, same reason
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,11 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="learning rate of the wrapped optimizer (cosine-annealed)")
     parser.add_argument("--temperature", type=float, default=None,
                         help="cross-entropy temperature tau in CE(tau z)/tau (Lipschitz constant sqrt(2) for any tau)")
-    parser.add_argument("--model", choices=("cnn", "mlp"), default=None,
-                        help="orthogonal CNN (images only) or orthogonal MLP on the flattened input; default: the "
-                             "data set's (digits: mlp, other images: cnn, tabular: mlp)")
+    parser.add_argument("--model", choices=MODELS, default=None,
+                        help="orthogonal CNN (images), patch CNN (images; kernel = stride convolutions, no overlap "
+                             "factor in the bounds) or orthogonal MLP on the flattened input; default: the data set's "
+                             "(digits: mlp, other images: cnn, tabular: mlp)")
     parser.add_argument("--widths", type=int, nargs="+", default=None,
-                        help="channels of each orthogonal conv stage (cnn) or hidden widths (mlp)")
+                        help="channels of each orthogonal conv stage (cnn, patch) or hidden widths (mlp)")
     parser.add_argument("--noise-strategy", choices=NOISE_STRATEGIES, default="global",
                         help="how noise is spread over parameter groups (all are accounted as sigma)")
     parser.add_argument("--loss-grad-clip", type=float, default=None,

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from lipdp.cli.output import write_json
-from lipdp.cli.train import NOISE_STRATEGIES, OPTIMIZERS
+from lipdp.cli.train import MODELS, NOISE_STRATEGIES, OPTIMIZERS
 
 HELP = "tune hyper-parameters privately: a random number of trials, the best released, one epsilon for all"
 DESCRIPTION = ("Private selection (Papernot & Steinke 2022): K ~ a truncated negative binomial or Poisson distribution, "
@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="logit-gradient clip choices ('none': no clip)")
     parser.add_argument("--epochs", type=int, nargs="+", default=None, help="epoch choices")
     parser.add_argument("--batch-size", type=int, nargs="+", default=None, help="expected Poisson batch-size choices")
-    parser.add_argument("--model", choices=("cnn", "mlp"), default=None, help="as lipdp train (default per data set)")
+    parser.add_argument("--model", choices=MODELS, default=None, help="as lipdp train (default per data set)")
     parser.add_argument("--widths", type=int, nargs="+", default=None, help="as lipdp train")
     parser.add_argument("--noise-strategy", choices=NOISE_STRATEGIES, default="global", help="as lipdp train")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="as lipdp train")
