@@ -9,7 +9,8 @@ certified per-sample bounds) and with ``mechanism="clipping"`` (DP-SGD: each rec
 sigma C; ``lipdp.clipping``), with the same sampling, accountant, optimizer, schedule, seed and epochs. The clipping
 norm C is chosen per network at epsilon = 3 on a validation split cut from the training data (``CLIP_GRID``); the
 test split is then read once per (network, epsilon, mechanism). Every run is its own process: the median step time
-(``StepTimer``) and the peak resident memory are its own.
+(``StepTimer``) and the peak resident memory are its own. Finished runs are kept in ``benchmarks/out/`` and reused
+by a rerun with the same arguments.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 SECTION = "bounds_vs_clipping"
 NETWORKS = {"fashion-mnist-cnn": "fashion-mnist", "digits-mlp": "digits"}
 CLIP_GRID = (0.25, 1.0, 4.0)
+RUNS_DIR = OUT_DIR / SECTION
 VALIDATION_FRACTION = 0.2
 
 
@@ -64,23 +66,30 @@ def train_one(network: str, epsilon: float, mechanism: str, max_grad_norm: float
 
 def run_isolated(network: str, epsilon: float, mechanism: str, max_grad_norm: float | None, validation: bool,
                  seed: int) -> dict:
-    """``train_one`` in a fresh interpreter (its own peak memory)."""
+    """``train_one`` in a fresh interpreter (its own peak memory). Each finished run is kept in ``RUNS_DIR`` and
+    reused by a later invocation with the same arguments (a Fashion-MNIST clipping run takes minutes)."""
+    split = "validation" if validation else "test"
+    kept = RUNS_DIR / f"{network}-eps{epsilon:g}-{mechanism}-C{max_grad_norm}-{split}-seed{seed}.json"
+    if kept.exists():
+        return json.loads(kept.read_text())
     argv = ["--child", network, str(epsilon), mechanism, str(max_grad_norm), str(int(validation)), str(seed)]
     outcome = run_child("benchmarks.bounds_vs_clipping", argv, capture_stderr=True)
     if outcome.result is None:
         raise ChildFailed(f"{network} eps={epsilon} {mechanism}: exit {outcome.returncode}\n{outcome.stderr_tail}")
+    write_json(kept, outcome.result)
     return outcome.result
 
 
-def choose_clip(network: str, seed: int) -> tuple[float, list[dict]]:
-    """The C of ``CLIP_GRID`` with the best validation accuracy at epsilon = 3 (and every validation run)."""
-    runs = [run_isolated(network, 3.0, "clipping", clip, True, seed) for clip in CLIP_GRID]
+def choose_clip(network: str, seed: int, grid: tuple[float, ...]) -> tuple[float, list[dict]]:
+    """The C of ``grid`` with the best validation accuracy at epsilon = 3 (and every validation run)."""
+    runs = [run_isolated(network, 3.0, "clipping", clip, True, seed) for clip in grid]
     for run in runs:
         logger.info("%s validation C=%g: %.4f", network, run["max_grad_norm"], run["accuracy"])
     return max(runs, key=lambda run: run["accuracy"])["max_grad_norm"], runs
 
 
-def render(runs: list[dict], validation: list[dict], threads: set[int], load: list[float]) -> str:
+def render(runs: list[dict], validation: list[dict], grid: tuple[float, ...], threads: set[int],
+           load: list[float]) -> str:
     """The RESULTS.md section: one row per (network, epsilon), bounds beside clipping."""
     rows = []
     by_key = {(r["network"], r["epsilon"], r["mechanism"]): r for r in runs}
@@ -98,7 +107,7 @@ def render(runs: list[dict], validation: list[dict], threads: set[int], load: li
         "the same orthogonal network, data, budget (delta = 1e-5), sampling, accountant, optimizer, schedule, seed and "
         "epochs (`lipdp train`'s presets). Test accuracy, one seed; median step time and peak resident memory of each "
         f"run in its own process. C chosen at epsilon = 3 on a {VALIDATION_FRACTION:g} validation split of the training "
-        f"data from {CLIP_GRID} ({chosen}); the test split read once per row and side. "
+        f"data from {grid} ({chosen}); the test split read once per row and side. "
         "Regenerate: `python -m benchmarks.bounds_vs_clipping`.",
         "",
         table(["network", "epochs x batch", "epsilon", "bounds acc. %", "clipping acc. %", "bounds step", "clipping step",
@@ -120,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bounds_vs_clipping", description=__doc__.split("\n")[0])
     parser.add_argument("--networks", nargs="+", choices=sorted(NETWORKS), default=sorted(NETWORKS))
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
+    parser.add_argument("--clip-grid", type=float, nargs="+", default=list(CLIP_GRID),
+                        help="clipping norms C tried on the validation split at epsilon = 3")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results", type=Path, default=RESULTS, help="markdown file whose section is rewritten")
     args = parser.parse_args(arguments)
@@ -129,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runs, validation = [], []
     for network in args.networks:
-        clip, tried = choose_clip(network, args.seed)
+        clip, tried = choose_clip(network, args.seed, tuple(args.clip_grid))
         validation += tried
         for epsilon in args.epsilons:
             for mechanism, norm in (("bounds", None), ("clipping", clip)):
@@ -137,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                 logger.info("%s eps=%g %s: %.4f, step %.1f ms", network, epsilon, mechanism, run["accuracy"],
                             1e3 * run["step_seconds"])
                 runs.append(run)
-    body = render(runs, validation, {torch.get_num_threads()}, load)
+    body = render(runs, validation, tuple(args.clip_grid), {torch.get_num_threads()}, load)
     write_json(OUT_DIR / f"{SECTION}.json", {"machine": machine_description(), "runs": runs, "validation": validation})
     print(f"wrote {write_section(SECTION, body, args.results)}")
     return 0
