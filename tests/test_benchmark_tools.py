@@ -1,0 +1,38 @@
+"""The bounds-vs-clipping comparison and the tightness measurement, on small real runs (their tables in RESULTS.md
+come from the full runs: ``python -m benchmarks.bounds_vs_clipping``, ``python -m benchmarks.tightness``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks import bounds_vs_clipping, tightness
+
+
+def test_tightness_is_a_real_ratio_within_the_bound_for_every_parameter():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(24, 1, 8, 8, generator=generator)
+    labels = torch.arange(24) % 3
+    for kind, widths in (("cnn", (4,)), ("patch", (4,))):
+        before, after = tightness.measure(kind, widths, images[:8], labels[:8], images, labels, steps=2, seed=0)
+        assert (before["steps"], after["steps"]) == (0, 2)
+        for row in (before, after):
+            assert row["tightness"] and set(row["tightness"]) == set(row["layers"])
+            # real per-sample gradients never exceed the certified bound (float error aside)
+            assert all(0 < value <= 1 + 1e-5 for value in row["tightness"].values()), row["tightness"]
+            assert 0 < row["whole"] <= 1 + 1e-5
+    assert "median real / bound" in tightness.render([before, after], 8)
+
+
+@pytest.mark.slow
+def test_bounds_and_clipping_train_the_same_network_on_digits():
+    runs = [bounds_vs_clipping.train_one("digits-mlp", 3.0, mechanism, clip, True, 0)
+            for mechanism, clip in (("bounds", None), ("clipping", 1.0))]
+    for run in runs:
+        assert run["evaluated_on"] == "validation" and 0.3 < run["accuracy"] <= 1
+        assert run["epsilon_spent"] == pytest.approx(3.0, rel=1e-3)
+        assert run["step_seconds"] > 0 and run["peak_rss_bytes"] > 0
+    assert runs[0]["noise_multiplier"] == runs[1]["noise_multiplier"]  # same sampling, steps and accountant
+    assert runs[0]["steps"] == runs[1]["steps"]
+    table = bounds_vs_clipping.render([{**run, "evaluated_on": "test"} for run in runs], runs[1:], {2}, [0.0])
+    assert "| digits-mlp | 30 x 256 | 3 |" in table
