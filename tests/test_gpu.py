@@ -81,6 +81,31 @@ def test_cuda_dense_bounds_equal_cpu_bounds_at_make_private() -> None:
     assert gpu == pytest.approx(cpu, rel=1e-5)
 
 
+@pytest.mark.gpu
+@needs_cuda
+def test_clipping_mechanism_on_cuda_matches_the_cpu_clipped_sums() -> None:
+    """mechanism='clipping' on a CUDA model: per-record gradients (torch.func) and clipped sums equal the CPU ones."""
+    torch.manual_seed(0)
+    cpu_model = orthogonal_cnn(SHAPE, 10, widths=(8, 16))
+    x = torch.rand(16, *SHAPE)
+    y = torch.arange(16) % 10
+    sums = {}
+    for device in ("cpu", "cuda"):
+        model = copy.deepcopy(cpu_model).to(device)
+        engine = LipDPEngine(seed=0)
+        model, optimizer, _ = engine.make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(TensorDataset(x, y), batch_size=16), criterion=LipschitzCrossEntropy(8.0),
+            noise_multiplier=1.0, input_norm_bound=1.0, mechanism="clipping", max_grad_norm=0.1)
+        optimizer.zero_grad()
+        LipschitzCrossEntropy(8.0)(model(x.to(device)), y.to(device)).backward()
+        sums[device] = {name: value.cpu() for name, value in engine.mechanism.clipping.sums.items()}
+        optimizer.step()
+        assert all(p.grad is None or p.grad.device.type == device for p in model.parameters())
+    for name, value in sums["cpu"].items():
+        assert torch.allclose(sums["cuda"][name], value, atol=1e-5 * 16 * 0.1)
+
+
 # --- benchmarks/gpu.py, the parts a CPU can check ---------------------------------------------------------------
 def test_gpu_script_refuses_without_cuda_in_one_line(monkeypatch, capsys) -> None:
     from benchmarks import gpu
