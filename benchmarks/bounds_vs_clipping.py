@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -61,7 +62,8 @@ def train_one(network: str, epsilon: float, mechanism: str, max_grad_norm: float
             "mechanism": mechanism, "max_grad_norm": max_grad_norm, "evaluated_on": "validation" if validation else "test",
             "accuracy": result.test_accuracy, "epsilon_spent": result.epsilon, "noise_multiplier": result.noise_multiplier,
             "epochs": config.epochs, "batch_size": config.batch_size, "steps": result.steps,
-            "step_seconds": timer.median(), "train_seconds": result.seconds, "peak_rss_bytes": peak_rss_bytes()}
+            "step_seconds": timer.median(), "train_seconds": result.seconds, "peak_rss_bytes": peak_rss_bytes(),
+            "load_average": [round(value, 2) for value in os.getloadavg()]}
 
 
 def run_isolated(network: str, epsilon: float, mechanism: str, max_grad_norm: float | None, validation: bool,
@@ -91,6 +93,11 @@ def choose_clip(network: str, seed: int, grid: tuple[float, ...], kept_only: boo
     return max(runs, key=lambda run: run["accuracy"])["max_grad_norm"], runs
 
 
+def _load(run: dict) -> str:
+    """The 1-minute load average when the run ended ('—' for runs kept from before it was recorded)."""
+    return f"{run['load_average'][0]:.1f}" if run.get("load_average") else "—"
+
+
 def render(runs: list[dict], validation: list[dict], threads: set[int], load: list[float]) -> str:
     """The RESULTS.md section: one row per (network, epsilon), bounds beside clipping."""
     rows = []
@@ -104,18 +111,20 @@ def render(runs: list[dict], validation: list[dict], threads: set[int], load: li
                      f"{100 * clipping['accuracy']:.2f} (C={clipping['max_grad_norm']:g})",
                      milliseconds(bounds["step_seconds"]), milliseconds(clipping["step_seconds"]),
                      f"{clipping['step_seconds'] / bounds['step_seconds']:.2f}",
-                     mebibytes(bounds["peak_rss_bytes"]), mebibytes(clipping["peak_rss_bytes"])])
+                     mebibytes(bounds["peak_rss_bytes"]), mebibytes(clipping["peak_rss_bytes"]),
+                     " / ".join(_load(run) for run in (bounds, clipping))])
     chosen = ", ".join(f"{r['network']} C={r['max_grad_norm']:g}: {100 * r['accuracy']:.2f}%" for r in validation)
     return "\n".join([
         "Certified bounds (`mechanism=\"bounds\"`) against DP-SGD's per-sample clipping (`mechanism=\"clipping\"`) on "
         "the same orthogonal network, data, budget (delta = 1e-5), sampling, accountant, optimizer, schedule, seed and "
-        "epochs (`lipdp train`'s presets). Test accuracy, one seed; median step time and peak resident memory of each "
-        f"run in its own process. C chosen at epsilon = 3 on a {VALIDATION_FRACTION:g} validation split of the training "
+        "epochs (`lipdp train`'s presets). Test accuracy, one seed; median step time (ms) and peak resident memory (MiB) "
+        "of each run in its own process; runs are kept and reused by reruns, so each row's times are of its own moment: "
+        "the last column gives the load when each side ended (above 2, other jobs shared the cores). C chosen at epsilon = 3 on a {VALIDATION_FRACTION:g} validation split of the training "
         f"data among the values tried (validation accuracy: {chosen}); the test split read once per row and side. "
         "Regenerate: `python -m benchmarks.bounds_vs_clipping`.",
         "",
         table(["network", "epochs x batch", "epsilon", "bounds acc. %", "clipping acc. %", "bounds step", "clipping step",
-               "clipping/bounds time", "bounds peak RSS", "clipping peak RSS"], rows),
+               "clipping/bounds time", "bounds peak RSS", "clipping peak RSS", "1-min load at the end"], rows),
         "",
         machine_paragraph(threads, load),
     ])
