@@ -92,7 +92,6 @@ class PerSampleClipping:
         self.views = views
         self.row_gradients = PerRowGradients(model, materialized, plain)
         self.sums: dict[str, torch.Tensor] = {}
-        self.records = 0  # records clipped since the last reset (public rows included)
         self.handle = model.register_forward_hook(self._capture)
 
     def _capture(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -123,7 +122,6 @@ class PerSampleClipping:
             for name, value in per_record.items():
                 clipped = torch.tensordot(factors.to(value.dtype), value, dims=1)
                 self.sums[name] = self.sums[name] + clipped if name in self.sums else clipped
-            self.records += factors.numel()
 
     def gradients(self, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The clipped sums, keyed and shaped as ``like`` (zeros where no record reached a tensor)."""
@@ -137,8 +135,4 @@ class PerSampleClipping:
 
     def reset(self) -> None:
         """A new step starts: forget the clipped sums."""
-        self.sums, self.records = {}, 0
-
-    def remove(self) -> None:
-        """Detach from the model."""
-        self.handle.remove()
+        self.sums = {}
