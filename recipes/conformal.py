@@ -5,9 +5,12 @@
     python -m recipes.conformal --dataset digits --epochs 5 --calibration-size 300 --test-size 300
 
 Data: the training split is cut (fixed seed, fixed sizes) into a private training part and a calibration part of
-``--calibration-size`` samples (a fraction of the training split, default 0.2, or a count); nothing is tuned on the test split, which is only used for the report.
+``--calibration-size`` samples (a fraction of the training split, default 0.2, or a count); nothing is tuned on the
+test split, which is only used for the report (``--validation F`` holds out a fraction F of the training split first
+and reports on it instead, to choose settings).
 Model: ``lipdp.models.orthogonal_cnn`` on pixels (InputNormClip(X0) first, so radii are in pixel space), trained
-with (eps_train, delta)-DP by ``lipdp.training.train_private``; its Lipschitz constant is certified by the engine.
+with (eps_train, delta)-DP by ``lipdp.training.train_private`` (certified bounds, or ``--mechanism clipping``:
+per-sample clipping on the same model, same accountant); its Lipschitz constant is certified by the engine.
 
 Conformal (``lipdp.conformal``): non-conformity score s (softmax LAC or sigmoid LAC at temperature tau);
 q_hat = s_(ceil((n+1)(1-alpha))) on the calibration part; vanilla sets {y : s(x, y) <= q}; robust sets
@@ -44,6 +47,7 @@ from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from lipdp.attacks import l2_pgd
+from lipdp.clipping import MECHANISMS
 from lipdp.cli.errors import ArgumentParser, UserError, run_main
 from lipdp.cli.output import write_json
 from lipdp.conformal import (
@@ -66,12 +70,17 @@ logger = logging.getLogger(__name__)
 
 
 #: The private model per data set: an orthogonal CNN on images (its settings were the recipe's defaults), and on
-#: digits (1,437 training images, where the CNN stays near chance) the orthogonal MLP of ``lipdp train``'s preset.
+#: digits (1,437 training images, where the CNN stays near chance) the orthogonal MLP of ``lipdp train``'s preset,
+#: with X0 = 4 (the images' typical norm is 3.9: X0 = 1 shrank them, and their margins, ~4x against the radius),
+#: tau = 4 and per-sample clipping at C = 1. The digits settings were chosen with ``--validation 0.2`` (seed 0,
+#: calibration eps 3) by the smallest private robust sets: X0 / tau / mechanism 1 / 8 / bounds 9.92 labels (the old
+#: preset), 4 / 2 / bounds 5.32,
+#: 4 / 4 / bounds 5.52, 4 / 4 / clipping 2.53 (C = 0.5: 2.57, C = 2: 2.53), 4 / 2 / clipping 2.79, 2 / 4 / clipping 5.69.
 MODEL_PRESETS = {
     "default": dict(model="cnn", widths=(16, 32, 64), epochs=8, batch_size=1024, learning_rate=1e-2, temperature=2.0,
-                    input_norm_bound=10.0),
-    "digits": dict(model="mlp", widths=(64,), epochs=30, batch_size=256, learning_rate=5e-2, temperature=8.0,
-                   input_norm_bound=1.0),
+                    input_norm_bound=10.0, mechanism="bounds", max_grad_norm=None),
+    "digits": dict(model="mlp", widths=(64,), epochs=30, batch_size=256, learning_rate=5e-2, temperature=4.0,
+                   input_norm_bound=4.0, mechanism="clipping", max_grad_norm=1.0),
 }
 
 
@@ -107,32 +116,49 @@ def _attack(model: nn.Module, statistic: Callable[[torch.Tensor], torch.Tensor],
 
 
 def run(dataset: str = "fashion-mnist", alpha: float = 0.1, radius: float = 0.25, epsilon: float = 3.0,
-        delta: float = 1e-5, calibration_epsilon: float = 1.0, calibration_size: float = 0.2,
+        delta: float = 1e-5, calibration_epsilon: float | None = None, calibration_size: float = 0.2,
         test_size: int | None = 2000, score: str = "softmax", score_temperature: float | None = None,
         score_bias: float = 0.0, grid_size: int = 101, attack_steps: int = 10, seed: int = 0,
-        data_root: str | None = None, progress: bool = True, **model_settings) -> dict:
+        data_root: str | None = None, progress: bool = True, validation: float | None = None,
+        **model_settings) -> dict:
     """Train privately, calibrate, evaluate; returns every number of the report (see module docstring).
-    ``calibration_size``: a fraction of the training split in (0, 1), or a number of samples. ``model_settings``
-    (model, widths, epochs, batch_size, learning_rate, temperature, input_norm_bound) override the data set's
-    ``MODEL_PRESETS``."""
+    ``calibration_epsilon``: the threshold's budget (default: ``epsilon``, so that the pair is (epsilon, delta)-DP for
+    a person in one part, by parallel composition).
+    ``calibration_size``: a fraction of the training split in (0, 1), or a number of samples. ``validation``: a
+    fraction of the training split held out (before calibration is cut) and evaluated instead of the test split, to
+    choose settings without reading it. ``model_settings`` (model, widths, epochs, batch_size, learning_rate,
+    temperature, input_norm_bound, mechanism, max_grad_norm) override the data set's ``MODEL_PRESETS``."""
     unknown = set(model_settings) - set(MODEL_PRESETS["default"])
     if unknown:
         raise TypeError(f"run() got unexpected settings {sorted(unknown)}")
+    calibration_epsilon = epsilon if calibration_epsilon is None else calibration_epsilon
     settings = {**MODEL_PRESETS.get(dataset, MODEL_PRESETS["default"]),
                 **{k: v for k, v in model_settings.items() if v is not None}}
+    if settings["mechanism"] == "bounds":
+        if model_settings.get("max_grad_norm") is not None:
+            raise UserError("--max-grad-norm is the clipping norm of --mechanism clipping; the certified mechanism "
+                            "clips no per-sample gradient.", "drop --max-grad-norm, or add --mechanism clipping")
+        settings["max_grad_norm"] = None  # a preset's clipping norm belongs to its clipping mechanism
+    elif settings["max_grad_norm"] is None:
+        raise UserError("--mechanism clipping needs a clipping norm.", "add --max-grad-norm C, e.g. 1")
     epochs, batch_size, learning_rate = settings["epochs"], settings["batch_size"], settings["learning_rate"]
     temperature, input_norm_bound, widths = settings["temperature"], settings["input_norm_bound"], settings["widths"]
     splits = load_dataset(dataset, root=data_root, seed=seed)
-    n_calibration = calibration_count(calibration_size, len(splits.train))
-    train, calibration = train_validation_split(splits.train, n_calibration / len(splits.train), seed=seed)
-    test = _subset(splits.test, test_size, seed)
+    available, evaluated = splits.train, splits.test
+    if validation is not None:
+        if not 0 < validation < 1:
+            raise UserError(f"--validation {validation:g} is not a fraction.", "give a fraction in (0, 1), e.g. 0.2")
+        available, evaluated = train_validation_split(splits.train, validation, seed=seed + 1)
+    n_calibration = calibration_count(calibration_size, len(available))
+    train, calibration = train_validation_split(available, n_calibration / len(available), seed=seed)
+    test = _subset(evaluated, test_size, seed)
 
     torch.manual_seed(seed)
     model = orthogonal_network(settings["model"], splits.input_shape, splits.num_classes, widths,
                                input_norm_bound=input_norm_bound)
     config = TrainConfig(epsilon=epsilon, delta=delta, epochs=epochs, batch_size=min(batch_size, len(train)),
                          learning_rate=learning_rate, temperature=temperature, input_norm_bound=input_norm_bound,
-                         seed=seed)
+                         mechanism=settings["mechanism"], max_grad_norm=settings["max_grad_norm"], seed=seed)
     trained, engine = train_private(model, train, test, config, progress=progress)
     model.eval()
     lipschitz = engine.lipschitz_constant()
@@ -172,7 +198,8 @@ def run(dataset: str = "fashion-mnist", alpha: float = 0.1, radius: float = 0.25
                                         .any(dim=1).sum())
                   for calibration_kind in thresholds}
     return {
-        "dataset": dataset, "certificate_violations": violations, "description": splits.description, "alpha": alpha, "radius": radius,
+        "dataset": dataset, "evaluated": "test" if validation is None else "validation",
+        "certificate_violations": violations, "description": splits.description, "alpha": alpha, "radius": radius,
         "score": repr(conformity), "lipschitz": lipschitz, "logit_radius": rho, "score_lipschitz": conformity.lipschitz,
         "sizes": {"train": len(train), "calibration": len(calibration), "test": len(test)},
         "train": {"epsilon": trained.epsilon, "delta": delta, "noise_multiplier": trained.noise_multiplier,
@@ -237,8 +264,9 @@ def build_parser() -> ArgumentParser:
                         help="L2 radius r of the input perturbations (pixel space, pixels in [0, 1])")
     parser.add_argument("--epsilon", type=float, default=3.0, help="training privacy budget eps_train")
     parser.add_argument("--delta", type=float, default=1e-5, help="training delta")
-    parser.add_argument("--calibration-epsilon", type=float, default=1.0,
-                        help="privacy budget of the private calibration threshold (pure eps-DP)")
+    parser.add_argument("--calibration-epsilon", type=float, default=None,
+                        help="privacy budget of the private calibration threshold (pure eps-DP; default: --epsilon, "
+                             "which keeps the headline at eps_train for a person in one part)")
     parser.add_argument("--calibration-size", type=float, default=0.2,
                         help="calibration samples held out of the training split (public size n): a fraction in "
                              "(0, 1) of the split, or a count (default: %(default)s)")
@@ -263,6 +291,14 @@ def build_parser() -> ArgumentParser:
                              "default: the data set's)")
     parser.add_argument("--widths", type=int, nargs="+", default=None,
                         help="channels of the CNN's stages, or the MLP's hidden widths (default: the data set's)")
+    parser.add_argument("--mechanism", choices=MECHANISMS, default=None,
+                        help="bounds (certified, no per-sample work) or clipping (DP-SGD's per-sample clipping on the "
+                             "same model; needs --max-grad-norm); default: the data set's")
+    parser.add_argument("--max-grad-norm", type=float, default=None, metavar="C",
+                        help="with --mechanism clipping: the norm each record's gradient is clipped to")
+    parser.add_argument("--validation", type=float, default=None, metavar="FRACTION",
+                        help="hold out this fraction of the training split and report on it instead of the test "
+                             "split (to choose settings)")
     parser.add_argument("--attack-steps", type=int, default=10, help="PGD steps of the L2 attack")
     parser.add_argument("--seed", type=int, default=0, help="seed of split, init, sampling, noise, mechanism, attack")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -281,8 +317,9 @@ def run_from_arguments(args: argparse.Namespace) -> int:
         test_size=args.test_size or None, score=args.score, score_temperature=args.score_temperature,
         score_bias=args.score_bias, grid_size=args.grid_size, epochs=args.epochs, batch_size=args.batch_size,
         learning_rate=args.learning_rate, temperature=args.temperature, input_norm_bound=args.input_norm_bound,
-        widths=args.widths and tuple(args.widths), model=args.model, attack_steps=args.attack_steps, seed=args.seed,
-        data_root=args.data_root, progress=not args.no_progress,
+        widths=args.widths and tuple(args.widths), model=args.model, mechanism=args.mechanism,
+        max_grad_norm=args.max_grad_norm, attack_steps=args.attack_steps, seed=args.seed, data_root=args.data_root,
+        progress=not args.no_progress, validation=args.validation,
     )
     print(markdown_table(result))
     if args.json:

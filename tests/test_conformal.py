@@ -392,3 +392,41 @@ def test_recipe_runs_end_to_end_on_digits(tmp_path):
     assert result["privacy"]["train_epsilon"] <= 8.0 + 1e-6
     assert result["privacy"]["calibration_epsilon"] == 3.0
     assert result["sizes"] == {"train": 1137, "calibration": 300, "test": 200}
+
+
+def test_recipe_validation_split_leaves_the_test_split_unread_and_clipping_trains_the_same_model():
+    """``validation``: the report's inputs come from the training split (its size, and not the test split's
+    images); ``mechanism="clipping"`` trains the same network with per-sample clipping, still certified."""
+    from lipdp.datasets import load_dataset
+    from recipes import conformal as recipe
+
+    result = recipe.run(dataset="digits", validation=0.2, calibration_size=0.2, test_size=None, epochs=1,
+                        attack_steps=1, mechanism="clipping", max_grad_norm=1.0, progress=False)
+    train_images = len(load_dataset("digits", seed=0).train)
+    held_out = round(0.2 * train_images)
+    assert result["evaluated"] == "validation"
+    assert result["sizes"]["test"] == held_out
+    assert result["sizes"]["train"] + result["sizes"]["calibration"] == train_images - held_out
+    assert result["train"]["config"]["mechanism"] == "clipping"
+    assert result["certificate_violations"] == {"non-private": 0, "private": 0}
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, 1.5])
+def test_recipe_refuses_a_validation_that_is_not_a_fraction(fraction):
+    from lipdp.cli.errors import UserError
+    from recipes import conformal as recipe
+
+    with pytest.raises(UserError, match="not a fraction"):
+        recipe.run(dataset="digits", validation=fraction, epochs=1, progress=False)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(mechanism="bounds", max_grad_norm=1.0), "clips no per-sample gradient"),
+    (dict(dataset="iris", mechanism="clipping"), "needs a clipping norm"),
+])
+def test_recipe_refuses_a_clipping_norm_without_clipping_and_clipping_without_a_norm(settings, message):
+    from lipdp.cli.errors import UserError
+    from recipes import conformal as recipe
+
+    with pytest.raises(UserError, match=message):
+        recipe.run(**{"dataset": "digits", "epochs": 1, "progress": False, **settings})
