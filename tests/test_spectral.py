@@ -176,6 +176,26 @@ def test_dense_norm_certified(seed: int) -> None:
     assert dense_operator_norm(weight) >= torch.linalg.svdvals(weight.double()).max().item()
 
 
+@pytest.mark.parametrize("shape, dtype, rank", [
+    ((3136, 256), torch.float32, None), ((10, 4000), torch.float32, None), ((300, 300), torch.float64, None),
+    ((64, 128), torch.float16, None), ((200, 50), torch.float32, 1), ((50, 200), torch.float32, 3),
+    ((7, 7), torch.float32, 0),
+])
+def test_dense_norm_by_the_gram_eigensolver_is_certified_and_tight(shape, dtype, rank) -> None:
+    """The Gram-matrix eigenvalue route never falls below an SVD's largest singular value (tall, wide, square,
+    half and double precision, rank-deficient, zero) and stays within its float slack of it."""
+    generator = torch.Generator().manual_seed(sum(shape))
+    if rank is None:
+        weight = torch.randn(*shape, generator=generator)
+    else:  # a product of thin factors: exactly rank-deficient
+        weight = torch.randn(shape[0], rank, generator=generator) @ torch.randn(rank, shape[1], generator=generator)
+    weight = weight.to(dtype)
+    exact = torch.linalg.svdvals(weight.double()).max().item() if rank != 0 else 0.0
+    claimed = dense_operator_norm(weight)
+    assert claimed >= exact
+    assert claimed <= exact * (1 + 2e-6) + 1e-300
+
+
 def _drift_case(case: int) -> tuple[str, nn.Module, tuple[int, ...]]:
     torch.manual_seed(case)
     return [

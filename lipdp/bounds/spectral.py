@@ -29,8 +29,14 @@ FLOAT_SLACK = 1e-6
 
 
 def dense_operator_norm(weight: torch.Tensor) -> float:
-    """Largest singular value of a (out, in) matrix, with floating point slack."""
-    sigma = torch.linalg.matrix_norm(weight.detach().to(torch.float64), ord=2).item()
+    """Largest singular value of a (out, in) matrix, with floating point slack: sigma_max(W) = sqrt(lambda_max(G))
+    for the smaller Gram matrix G (W^T W or W W^T, float64), by a symmetric eigensolver (2-10x faster than an SVD of
+    W). Rounding: G's entries carry relative error <= n eps_64 (float32 products are exact in float64) and the
+    eigensolver is backward stable (error <= c m eps_64 ||G||), far inside FLOAT_SLACK for any layer that fits in
+    memory."""
+    matrix = weight.detach().to(torch.float64)
+    gram = matrix.T @ matrix if matrix.shape[0] >= matrix.shape[1] else matrix @ matrix.T
+    sigma = torch.linalg.eigvalsh(gram)[-1].clamp_min(0.0).sqrt().item()
     return sigma * (1 + FLOAT_SLACK)
 
 
