@@ -74,8 +74,8 @@ logger = logging.getLogger(__name__)
 #: with X0 = 4 (the images' typical norm is 3.9: X0 = 1 shrank them, and their margins, ~4x against the radius),
 #: tau = 4 and per-sample clipping at C = 1. The digits settings were chosen with ``--validation 0.2`` (seed 0,
 #: calibration eps 3) by the smallest private robust sets: X0 / tau / mechanism 1 / 8 / bounds 9.92 labels (the old
-#: preset), 4 / 2 / bounds 5.32,
-#: 4 / 4 / bounds 5.52, 4 / 4 / clipping 2.53 (C = 0.5: 2.57, C = 2: 2.53), 4 / 2 / clipping 2.79, 2 / 4 / clipping 5.69.
+#: preset), 4 / 2 / bounds 5.32, 4 / 4 / bounds 5.52, 4 / 4 / clipping 2.53 (C = 0.5: 2.57, C = 2: 2.53),
+#: 4 / 2 / clipping 2.79, 2 / 4 / clipping 5.69.
 MODEL_PRESETS = {
     "default": dict(model="cnn", widths=(16, 32, 64), epochs=8, batch_size=1024, learning_rate=1e-2, temperature=2.0,
                     input_norm_bound=10.0, mechanism="bounds", max_grad_norm=None),
@@ -131,6 +131,8 @@ def run(dataset: str = "fashion-mnist", alpha: float = 0.1, radius: float = 0.25
     unknown = set(model_settings) - set(MODEL_PRESETS["default"])
     if unknown:
         raise TypeError(f"run() got unexpected settings {sorted(unknown)}")
+    if validation is not None and not 0 < validation < 1:
+        raise UserError(f"--validation {validation:g} is not a fraction.", "give a fraction in (0, 1), e.g. 0.2")
     calibration_epsilon = epsilon if calibration_epsilon is None else calibration_epsilon
     settings = {**MODEL_PRESETS.get(dataset, MODEL_PRESETS["default"]),
                 **{k: v for k, v in model_settings.items() if v is not None}}
@@ -146,8 +148,6 @@ def run(dataset: str = "fashion-mnist", alpha: float = 0.1, radius: float = 0.25
     splits = load_dataset(dataset, root=data_root, seed=seed)
     available, evaluated = splits.train, splits.test
     if validation is not None:
-        if not 0 < validation < 1:
-            raise UserError(f"--validation {validation:g} is not a fraction.", "give a fraction in (0, 1), e.g. 0.2")
         available, evaluated = train_validation_split(splits.train, validation, seed=seed + 1)
     n_calibration = calibration_count(calibration_size, len(available))
     train, calibration = train_validation_split(available, n_calibration / len(available), seed=seed)
