@@ -1,15 +1,20 @@
-"""Private one-class classification with a 1-Lipschitz signed distance function (OCSDF), certified AUROC.
+"""Private one-class classification with 1-Lipschitz detectors (OCSDF, private subspace), certified AUROC.
 
     python -m recipes.one_class --dataset breast_cancer --normal-class 1 --epsilon 8 --seeds 0 1 2
-    python -m recipes.one_class --dataset fashion-mnist --normal-class 0 --epsilon 3 --split test
+    python -m recipes.one_class --dataset fashion-mnist --normal-class all --epsilon 8 --split test
 
-Trains the detector f (orthogonal MLP on tabular data, orthogonal CNN on images) on the normal class of the
-training split only, privately through ``LipDPEngine`` when ``--epsilon`` is given (the normal training
-samples are the private data; the generated negatives depend on the model alone, see lipdp.one_class), and
-reports on held-out normals vs. every other class: AUROC, certified AUROC at L2 radii (in the model's input
-space, with the raw-unit equivalent where the preprocessing has a global Lipschitz constant), optionally the
-AUROC under an L2 PGD attack of the same radius (never below the certificate), a non-private OCSDF of the same
-recipe and an IsolationForest, both for reference.
+Fits a 1-Lipschitz detector f on the normal class of the training split only, privately through ``LipDPEngine``
+when ``--epsilon`` is given, and reports on held-out normals vs. every other class: AUROC, certified AUROC at L2
+radii (in the model's input space, with the raw-unit equivalent where the preprocessing has a global Lipschitz
+constant), optionally the AUROC under an L2 PGD attack of the same radius (never below the certificate), the same
+detector fitted without privacy and an IsolationForest, both for reference.
+
+Detectors (``--detector``; default ``subspace`` for images, ``ocsdf`` for tables, chosen on validation, README):
+  * ``ocsdf``: a signed distance function (orthogonal MLP on tables, orthogonal CNN on images) trained by private
+    steps against generated negatives (they depend on the model alone, lipdp.one_class.training);
+  * ``subspace``: minus the distance to the normal rows' principal subspace, from their private mean and centred
+    second moment (two Gaussian releases, lipdp.one_class.subspace). On images its rows are the certified
+    1-Lipschitz scattering rows of recipes.front_end (``--features scattering``), so radii stay in pixel units.
 
 Evaluation data (``--split``): ``validation`` holds out ``--validation-fraction`` of the training split (tune
 here); ``test`` trains on the whole training split and evaluates on the test split (report here only).
@@ -47,6 +52,7 @@ from lipdp.bounds import lipschitz_constant
 from lipdp.cli.errors import ArgumentParser, UserError, run_main
 from lipdp.cli.output import write_json
 from lipdp.datasets import load_dataset, train_validation_split
+from accounting import calibrate_noise
 from lipdp.engine import LipDPEngine
 from lipdp.layers import InputNormClip, L2NormPool2d
 from lipdp.models import orthogonal_cnn, orthogonal_mlp
@@ -55,12 +61,16 @@ from lipdp.one_class import (
     BoxPrior,
     NegativeSampler,
     OneClassHKR,
+    SubspaceResidual,
     attacked_auroc,
     auroc,
     certified_auroc,
+    fit_private_subspace,
+    fit_subspace,
     scores,
     train_ocsdf,
 )
+from recipes.front_end import differentiable_scatter, front_end_features
 
 log = logging.getLogger("recipes.one_class")
 
@@ -69,6 +79,10 @@ RAW_PIXEL_SCALE = {"fashion-mnist": 255.0, "digits": 16.0, "cifar10": 255.0}
 
 
 PROG = "python -m recipes.one_class"
+DETECTORS = ("ocsdf", "subspace")
+#: The subspace detector's defaults, chosen on validation splits (README, one-class).
+SUBSPACE_RANK = 40
+SUBSPACE_CLIP_FRACTION = 0.35
 
 
 def build_parser() -> ArgumentParser:
@@ -98,7 +112,21 @@ def build_parser() -> ArgumentParser:
     data.add_argument("--scale", type=float, default=1.0, help="constant factor s of --preprocess scale")
     data.add_argument("--lift-constant", type=float, default=10.0, help="c, the extra coordinate of --preprocess lift")
 
-    model = p.add_argument_group("model and loss")
+    detector = p.add_argument_group("detector")
+    detector.add_argument("--detector", choices=DETECTORS, default=None,
+                          help="ocsdf: signed distance function trained against generated negatives; subspace: "
+                               "distance to the private principal subspace (module doc); default: subspace for "
+                               "images, ocsdf for tables")
+    detector.add_argument("--features", choices=("scattering", "input"), default=None,
+                          help="rows of the subspace detector: the certified 1-Lipschitz scattering rows of the "
+                               "images (recipes.front_end, lipschitz normalisation) or the model input itself; "
+                               "default: scattering for images, input for tables")
+    detector.add_argument("--rank", type=int, default=SUBSPACE_RANK, help="k, the subspace detector's dimension")
+    detector.add_argument("--clip-fraction", type=float, default=SUBSPACE_CLIP_FRACTION,
+                          help="the subspace releases clip rows, then centred rows, to R = this fraction of X "
+                               "(--input-norm; the rows of a 1-Lipschitz map of inputs of norm <= X have norm <= X)")
+
+    model = p.add_argument_group("OCSDF model and loss")
     model.add_argument("--hidden", type=int, nargs="*", default=[64, 64], help="MLP hidden widths (tabular data)")
     model.add_argument("--widths", type=int, nargs="+", default=[8, 16],
                        help="CNN stages (images): orthogonal 3x3 conv -> MaxMin -> 2x2 L2-norm pooling, per width")
@@ -166,6 +194,12 @@ def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError(f"--epsilon must be > 0, got {args.epsilon}.", "omit it for non-private training")
     if not 0 < args.delta < 1:
         raise UserError(f"--delta must be in (0, 1), got {args.delta}.", "use e.g. 1e-5 (below 1/N)")
+    if args.rank < 0:
+        raise UserError(f"--rank must be >= 0, got {args.rank}.", "give the subspace's dimension, e.g. --rank 10")
+    if not 0 < args.clip_fraction <= 1:
+        raise UserError(f"--clip-fraction must be in (0, 1], got {args.clip_fraction}.", "use e.g. 0.35")
+    if args.detector == "ocsdf" and args.features == "scattering":
+        raise UserError("--features scattering is for the subspace detector.", "add --detector subspace")
     return args
 
 
@@ -177,9 +211,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------------- data
 
 
+class ScatteringRows(nn.Module):
+    """(N, C, H, W) images -> their certified 1-Lipschitz scattering rows (``recipes.front_end``, the
+    ``lipschitz`` normalisation of the J = 2 part: each path divided by the transform's certified constant)."""
+
+    def __init__(self, image_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.scatter = differentiable_scatter(tuple(image_shape[-2:]))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return front_end_features("scattering", images, 1, self.scatter, normalisation="lipschitz")[0]
+
+    @staticmethod
+    def lipschitz() -> float:
+        """1: the rows are the weighted transform divided by its certified constant (``scattering_lipschitz``)."""
+        return 1.0
+
+    @staticmethod
+    def of_split(images: torch.Tensor) -> torch.Tensor:
+        """The same rows of a whole split, from the cached coefficients (``lipdp.scattering.scattering_features``)."""
+        return front_end_features("scattering", images, 1, normalisation="lipschitz")[0]
+
+
 @dataclass
 class Task:
-    """One one-class problem: private training normals, evaluation normals and anomalies (preprocessed)."""
+    """One one-class problem: private training normals, evaluation normals and anomalies, as the detector's
+    inputs (the preprocessed samples, or their ``feature_map`` rows)."""
 
     normal_class: int
     train: torch.Tensor
@@ -189,6 +246,7 @@ class Task:
     image: bool
     raw_radius_factor: float | None  # raw-unit radius per unit of model-input radius (None: no global one)
     raw: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # train, normal, anomaly as the loader gives them
+    feature_map: ScatteringRows | None = None  # preprocessed samples -> the detector's rows (None: identity)
 
 
 def preprocess(x: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
@@ -231,6 +289,12 @@ def resolve_defaults(args: argparse.Namespace, input_shape: tuple[int, ...]) -> 
         args.margin = 1.0 if image else 0.2
     if args.epochs is None:
         args.epochs = 5 if image else 50
+    if args.detector is None:
+        args.detector = "subspace" if image else "ocsdf"
+    if args.features is None:
+        args.features = "scattering" if image and args.detector == "subspace" else "input"
+    if args.features == "scattering" and not image:
+        raise UserError(f"--features scattering needs images; {args.dataset} is a table.", "use --features input")
 
 
 def load_tasks(args: argparse.Namespace) -> list[Task]:
@@ -245,14 +309,19 @@ def load_tasks(args: argparse.Namespace) -> list[Task]:
     if args.epochs < 0:
         raise ValueError(f"--epochs must be >= 0, got {args.epochs}")
     classes = list(range(splits.num_classes)) if args.normal_class == ["all"] else [int(c) for c in args.normal_class]
-    tasks = []
     for c in classes:
         if not 0 <= c < splits.num_classes:
             raise UserError(f"--normal-class {c} is not a class of {args.dataset} (0..{splits.num_classes - 1}).",
                             f"give classes between 0 and {splits.num_classes - 1}, or 'all'")
+    inputs_train, inputs_eval = preprocess(x_train, args), preprocess(x_eval, args)  # per sample: free
+    feature_map = ScatteringRows(splits.input_shape) if args.features == "scattering" else None
+    if feature_map is not None:
+        inputs_train, inputs_eval = ScatteringRows.of_split(inputs_train), ScatteringRows.of_split(inputs_eval)
+    tasks = []
+    for c in classes:
         raw = (x_train[y_train == c], x_eval[y_eval == c], x_eval[y_eval != c])
-        x_tr, x_normal, x_anomaly = (preprocess(t, args) for t in raw)
-        tasks.append(Task(c, x_tr, x_normal, x_anomaly, tuple(x_tr.shape[1:]), image, raw_radius_factor(args), raw))
+        tasks.append(Task(c, inputs_train[y_train == c], inputs_eval[y_eval == c], inputs_eval[y_eval != c],
+                          tuple(inputs_train.shape[1:]), image, raw_radius_factor(args), raw, feature_map))
     log.info("%s (%s split): %s", splits.name, args.split, splits.description)
     return tasks
 
@@ -298,6 +367,36 @@ def build_sampler(task: Task, args: argparse.Namespace) -> NegativeSampler:
 # --------------------------------------------------------------------------------------------- training
 
 
+def fit_detector(task: Task, args: argparse.Namespace, seed: int, epsilon: float | None) -> tuple[nn.Module, dict]:
+    """Fit ``--detector`` on the task's training normals; returns the detector and the privacy record."""
+    if args.detector == "subspace":
+        return fit_subspace_detector(task, args, seed, epsilon)
+    return train_detector(task, args, seed, epsilon)
+
+
+def fit_subspace_detector(task: Task, args: argparse.Namespace, seed: int, epsilon: float | None
+                          ) -> tuple[SubspaceResidual, dict]:
+    """The subspace detector: two releases at one noise multiplier, calibrated so that together they meet
+    (``epsilon``, ``--delta``) (``lipdp.one_class.subspace``), or exact statistics without ``epsilon``."""
+    features = math.prod(task.input_shape)
+    if args.rank > features:
+        raise UserError(f"--rank {args.rank} exceeds the {features} features of the detector's rows.",
+                        f"give --rank between 0 and {features}")
+    started = time.perf_counter()
+    record: dict = {"private": epsilon is not None}
+    if epsilon is None:
+        model = fit_subspace(task.train, args.rank)
+    else:
+        sigma = calibrate_noise(epsilon, args.delta, 1.0, steps=2, backend=args.accountant)
+        engine = LipDPEngine(accountant=args.accountant, seed=seed)
+        model = fit_private_subspace(engine, task.train, args.rank, args.clip_fraction * args.input_norm,
+                                     sigma, sigma)
+        record.update(epsilon=engine.get_epsilon(args.delta), delta=args.delta, noise_multiplier=sigma,
+                      sample_rate=1.0, steps=engine.accountant.total_steps)
+    record["train_seconds"] = time.perf_counter() - started
+    return model, record
+
+
 def train_detector(task: Task, args: argparse.Namespace, seed: int, epsilon: float | None) -> tuple[nn.Module, dict]:
     """Train one OCSDF detector; returns a plain (hook-free) model to evaluate and the privacy record."""
     torch.manual_seed(seed)
@@ -341,15 +440,22 @@ def train_detector(task: Task, args: argparse.Namespace, seed: int, epsilon: flo
 
 
 def evaluate(model: nn.Module, task: Task, args: argparse.Namespace, seed: int) -> dict:
+    """AUROC, certified AUROC at ``--radii`` (in the preprocessed samples' units: the feature map is
+    1-Lipschitz), and optionally the L2 PGD attack on the samples, through the feature map."""
     model.eval()
-    lip = lipschitz_constant(model, task.input_shape)
+    lip = model.lipschitz() if isinstance(model, SubspaceResidual) else lipschitz_constant(model, task.input_shape)
     normal, anomaly = scores(model, task.normal), scores(model, task.anomaly)
+    if task.feature_map is not None:
+        lip *= task.feature_map.lipschitz()
     out = {"auroc": auroc(normal, anomaly), "lipschitz": lip, "certified": {}, "attacked": {}}
     for r in args.radii:
         out["certified"][str(r)] = certified_auroc(normal, anomaly, r, lipschitz=lip)
     if args.attack_steps > 0:
         n = args.attack_samples
         xn, xa = task.normal[:n], task.anomaly[:n]
+        if task.feature_map is not None:  # attack the samples, not the rows
+            model = nn.Sequential(task.feature_map, model)
+            xn, xa = preprocess(task.raw[1][:n], args), preprocess(task.raw[2][:n], args)
         subset = {"certified": {}, "attacked": {}}
         for r in args.radii:
             gen = torch.Generator().manual_seed(seed)
@@ -392,8 +498,9 @@ def summarise(results: list[dict], args: argparse.Namespace) -> str:
             if method == "isolation_forest":
                 lines.append(f"{c:>5}  {'IsolationForest':<22}  {_mean_std(runs):>15}")
                 continue
-            name = "OCSDF non-private" if method == "nonprivate" else \
-                f"OCSDF eps={runs[0]['epsilon']:.3g} delta={runs[0]['delta']:.0e}"
+            detector = "OCSDF" if args.detector == "ocsdf" else "subspace"
+            name = f"{detector} non-private" if method == "nonprivate" else \
+                f"{detector} eps={runs[0]['epsilon']:.3g} delta={runs[0]['delta']:.0e}"
             cert = "  ".join(f"{_mean_std([run['certified'][r] for run in runs]):>15}" for r in radii)
             lines.append(f"{c:>5}  {name:<22}  {_mean_std([run['auroc'] for run in runs]):>15}  {cert}")
     if len({r["normal_class"] for r in results}) > 1:
@@ -412,7 +519,9 @@ def summarise(results: list[dict], args: argparse.Namespace) -> str:
         lines.append(
             f"privacy: (eps, delta) = ({max(p['epsilon'] for p in private):.4g}, {private[0]['delta']:.0e}) per "
             f"run ({args.accountant} accountant), noise multiplier {', '.join(map(str, sigmas))}, sample rate "
-            f"{', '.join(map(str, rates))}, {private[0]['steps']} steps; loss Lipschitz 1 + lambda = {1 + args.lam:g}"
+            f"{', '.join(map(str, rates))}, {private[0]['steps']} steps; " + (
+                f"loss Lipschitz 1 + lambda = {1 + args.lam:g}" if args.detector == "ocsdf" else
+                f"rows clipped to R = {args.clip_fraction * args.input_norm:.4g}, rank {args.rank}")
         )
     attacks = [(r["normal_class"], m, r[m]["attack_subset"]) for r in results for m in ("nonprivate", "private")
                if m in r and "attack_subset" in r[m]]
@@ -441,7 +550,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         settings = ([None] if args.epsilon is None or args.nonprivate_reference else []) + \
             ([args.epsilon] if args.epsilon is not None else [])
         for epsilon in settings:
-            model, record = train_detector(task, args, seed, epsilon)
+            model, record = fit_detector(task, args, seed, epsilon)
             record.update(evaluate(model, task, args, seed))
             result["private" if epsilon is not None else "nonprivate"] = record
             log.info("class %d seed %d %s: AUROC %.4f", task.normal_class, seed,

@@ -371,7 +371,8 @@ def test_recipe_end_to_end_on_digits_images():
     from recipes import one_class
 
     (result,) = one_class.run(one_class.parse_args([
-        "--dataset", "digits", "--normal-class", "3", "--epsilon", "8", "--epochs", "2", "--batch-size", "32",
+        "--dataset", "digits", "--detector", "ocsdf", "--normal-class", "3", "--epsilon", "8", "--epochs", "2",
+        "--batch-size", "32",
         "--newton-steps", "2", "--radii", "0", "0.5", "--quiet",
     ]))
     run = result["private"]
