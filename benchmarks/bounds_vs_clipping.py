@@ -119,8 +119,8 @@ def render(runs: list[dict], validation: list[dict], threads: set[int], load: li
         "the same orthogonal network, data, budget (delta = 1e-5), sampling, accountant, optimizer, schedule, seed and "
         "epochs (`lipdp train`'s presets). Test accuracy, one seed; median step time (ms) and peak resident memory (MiB) "
         "of each run in its own process; runs are kept and reused by reruns, so each row's times are of its own moment: "
-        "the last column gives the load when each side ended (above 2, other jobs shared the cores). C chosen at epsilon = 3 on a {VALIDATION_FRACTION:g} validation split of the training "
-        f"data among the values tried (validation accuracy: {chosen}); the test split read once per row and side. "
+        "the last column gives the load when each side ended (above 2, other jobs shared the cores). C chosen at "
+        f"epsilon = 3 on a {VALIDATION_FRACTION:g} validation split of the training data among the values tried (validation accuracy: {chosen}); the test split read once per row and side. "
         "Regenerate: `python -m benchmarks.bounds_vs_clipping`.",
         "",
         table(["network", "epochs x batch", "epsilon", "bounds acc. %", "clipping acc. %", "bounds step", "clipping step",

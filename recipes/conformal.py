@@ -63,8 +63,11 @@ from lipdp.conformal import (
 )
 from lipdp.datasets import load_dataset, train_validation_split
 from lipdp.evaluation import predict
+from lipdp.engine import LipDPEngine
 from lipdp.models import orthogonal_network
-from lipdp.training import TrainConfig, train_private
+from lipdp.training import TrainConfig, TrainResult, train_private
+from recipes import classify
+from recipes.front_end import front_end_features, release_preprocessing
 
 logger = logging.getLogger(__name__)
 
@@ -78,10 +81,18 @@ logger = logging.getLogger(__name__)
 #: 4 / 2 / clipping 2.79, 2 / 4 / clipping 5.69.
 MODEL_PRESETS = {
     "default": dict(model="cnn", widths=(16, 32, 64), epochs=8, batch_size=1024, learning_rate=1e-2, temperature=2.0,
-                    input_norm_bound=10.0, mechanism="bounds", max_grad_norm=None),
+                    input_norm_bound=10.0, mechanism="bounds", max_grad_norm=None, feature_radius=None),
     "digits": dict(model="mlp", widths=(64,), epochs=30, batch_size=256, learning_rate=5e-2, temperature=4.0,
-                   input_norm_bound=4.0, mechanism="clipping", max_grad_norm=1.0),
+                   input_norm_bound=4.0, mechanism="clipping", max_grad_norm=1.0, feature_radius=None),
 }
+#: ``--model scattering``: the classification recipe's certified pipeline (its defaults, recipes.classify.DEFAULTS,
+#: with the ``lipschitz`` normalisation), rows divided by ``feature_radius`` c before the private releases.
+SCATTERING_SETTINGS = dict(model="scattering", widths=(), epochs=classify.DEFAULTS["epochs"],
+                           batch_size=classify.DEFAULTS["batch_size"],
+                           learning_rate=classify.DEFAULTS["learning_rate"],
+                           temperature=classify.DEFAULTS["temperature"], input_norm_bound=1.0, mechanism="bounds",
+                           max_grad_norm=None, feature_radius=classify.RADIUS)
+MODELS = ("cnn", "mlp", "scattering")
 
 
 def calibration_count(size: float, available: int) -> int:
@@ -101,6 +112,46 @@ def _subset(dataset: TensorDataset, size: int | None, seed: int) -> TensorDatase
         return TensorDataset(x, y)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:size]
     return TensorDataset(x[order], y[order])
+
+
+class PixelLogits(nn.Module):
+    """Images -> logits of a head on the certified front end (``recipes.classify.logits_of_pixels``)."""
+
+    def __init__(self, head: nn.Module, logits: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.head, self.logits = head, logits
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.logits(images)
+
+
+def train_scattering_pipeline(train: TensorDataset, evaluation: TensorDataset, num_classes: int,
+                              config: TrainConfig, feature_radius: float, progress: bool
+                              ) -> tuple[PixelLogits, TrainResult, float]:
+    """The classification recipe's certified pipeline trained on ``train``'s images: the default front end with the
+    ``lipschitz`` normalisation (radius c = ``feature_radius``), its private centring and whitening, and the
+    linear head, all paid from ``config``'s (epsilon, delta). Returns the pixels -> logits module, the training
+    result and the pipeline's certified Lipschitz constant in pixel space (head x preprocessing; front end 1)."""
+    groups, front_end = classify.DEFAULTS["groups"], classify.DEFAULT_FRONT_END
+    order_weights = classify.ORDER_WEIGHTS
+    (x, y), (x_eval, y_eval) = train.tensors, evaluation.tensors
+    rows, blocks = front_end_features(front_end, x, groups, normalisation="lipschitz", order_weights=order_weights)
+    engine = LipDPEngine(accountant=config.accountant, seed=config.seed)
+    preprocessing, rows = release_preprocessing(
+        engine, rows, blocks, classify.DEFAULTS["centring_noise"], classify.DEFAULTS["whitening_noise"],
+        classify.DEFAULTS["whitening_floor"], feature_radius)
+    eval_rows = preprocessing(front_end_features(front_end, x_eval, groups, normalisation="lipschitz",
+                                                 order_weights=order_weights)[0])
+    head = classify.build_model("linear", (rows.shape[1],), num_classes)
+    result, engine = train_private(head, TensorDataset(rows, y), TensorDataset(eval_rows, y_eval), config,
+                                   progress=progress, engine=engine)
+    lipschitz = engine.lipschitz_constant() * preprocessing.lipschitz()
+    released = classify.build_model("linear", (rows.shape[1],), num_classes)  # without the engine's hooks
+    released.load_state_dict(head.state_dict())
+    logits = classify.logits_of_pixels(released.eval(), front_end, groups, tuple(x.shape[1:]), flatten=True,
+                                       preprocessing=preprocessing, normalisation="lipschitz",
+                                       order_weights=order_weights)
+    return PixelLogits(released, logits), result, lipschitz
 
 
 def _attack(model: nn.Module, statistic: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
@@ -127,15 +178,23 @@ def run(dataset: str = "fashion-mnist", alpha: float = 0.1, radius: float = 0.25
     ``calibration_size``: a fraction of the training split in (0, 1), or a number of samples. ``validation``: a
     fraction of the training split held out (before calibration is cut) and evaluated instead of the test split, to
     choose settings without reading it. ``model_settings`` (model, widths, epochs, batch_size, learning_rate,
-    temperature, input_norm_bound, mechanism, max_grad_norm) override the data set's ``MODEL_PRESETS``."""
+    temperature, input_norm_bound, mechanism, max_grad_norm, feature_radius) override the data set's
+    ``MODEL_PRESETS`` (``SCATTERING_SETTINGS`` for model="scattering")."""
     unknown = set(model_settings) - set(MODEL_PRESETS["default"])
     if unknown:
         raise TypeError(f"run() got unexpected settings {sorted(unknown)}")
     if validation is not None and not 0 < validation < 1:
         raise UserError(f"--validation {validation:g} is not a fraction.", "give a fraction in (0, 1), e.g. 0.2")
     calibration_epsilon = epsilon if calibration_epsilon is None else calibration_epsilon
-    settings = {**MODEL_PRESETS.get(dataset, MODEL_PRESETS["default"]),
-                **{k: v for k, v in model_settings.items() if v is not None}}
+    preset = SCATTERING_SETTINGS if model_settings.get("model") == "scattering" else \
+        MODEL_PRESETS.get(dataset, MODEL_PRESETS["default"])
+    settings = {**preset, **{k: v for k, v in model_settings.items() if v is not None}}
+    if settings["model"] == "scattering" and settings["mechanism"] != "bounds":
+        raise UserError("--model scattering trains its linear head with the certified bounds only.",
+                        "drop --mechanism clipping, or use --model cnn / mlp")
+    if settings["feature_radius"] is not None and settings["model"] != "scattering":
+        raise UserError("--feature-radius is the radius c of --model scattering's normalisation.",
+                        "drop --feature-radius, or add --model scattering")
     if settings["mechanism"] == "bounds":
         if model_settings.get("max_grad_norm") is not None:
             raise UserError("--max-grad-norm is the clipping norm of --mechanism clipping; the certified mechanism "
@@ -154,14 +213,21 @@ def run(dataset: str = "fashion-mnist", alpha: float = 0.1, radius: float = 0.25
     test = _subset(evaluated, test_size, seed)
 
     torch.manual_seed(seed)
-    model = orthogonal_network(settings["model"], splits.input_shape, splits.num_classes, widths,
-                               input_norm_bound=input_norm_bound)
+    scattering = settings["model"] == "scattering"
     config = TrainConfig(epsilon=epsilon, delta=delta, epochs=epochs, batch_size=min(batch_size, len(train)),
                          learning_rate=learning_rate, temperature=temperature, input_norm_bound=input_norm_bound,
-                         mechanism=settings["mechanism"], max_grad_norm=settings["max_grad_norm"], seed=seed)
-    trained, engine = train_private(model, train, test, config, progress=progress)
-    model.eval()
-    lipschitz = engine.lipschitz_constant()
+                         mechanism=settings["mechanism"], max_grad_norm=settings["max_grad_norm"], seed=seed,
+                         **({name: classify.DEFAULTS[name] for name in ("noise_strategy", "loss_grad_clip")}
+                            if scattering else {}))
+    if scattering:
+        model, trained, lipschitz = train_scattering_pipeline(train, test, splits.num_classes, config,
+                                                              settings["feature_radius"], progress)
+    else:
+        model = orthogonal_network(settings["model"], splits.input_shape, splits.num_classes, widths,
+                                   input_norm_bound=input_norm_bound)
+        trained, engine = train_private(model, train, test, config, progress=progress)
+        model.eval()
+        lipschitz = engine.lipschitz_constant()
     rho = logit_radius(lipschitz, radius)
 
     conformity = make_score(score, temperature if score_temperature is None else score_temperature, score_bias)
@@ -279,8 +345,13 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--score-bias", type=float, default=0.0, help="bias b of the sigmoid score")
     parser.add_argument("--grid-size", type=int, default=101,
                         help="thresholds of the private quantile's grid (a coarser grid needs a smaller rank correction)")
-    parser.add_argument("--model", choices=("cnn", "mlp"), default=None,
-                        help="orthogonal CNN or MLP (default: the data set's, MODEL_PRESETS: digits mlp, else cnn)")
+    parser.add_argument("--model", choices=MODELS, default=None,
+                        help="orthogonal CNN or MLP on pixels, or scattering: the classification recipe's certified "
+                             "pipeline (certified scattering front end, private centring and whitening, linear "
+                             "head; certified in pixel space); default: the data set's, MODEL_PRESETS")
+    parser.add_argument("--feature-radius", type=float, default=None, metavar="C",
+                        help=f"--model scattering: rows divided by c before the releases (default "
+                             f"{classify.RADIUS:g}, recipes.classify.RADIUS): larger c, smaller Lipschitz constant")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the data set's)")
     parser.add_argument("--batch-size", type=int, default=None, help="expected Poisson batch size (default: the data "
                                                                      "set's)")
@@ -318,7 +389,7 @@ def run_from_arguments(args: argparse.Namespace) -> int:
         score_bias=args.score_bias, grid_size=args.grid_size, epochs=args.epochs, batch_size=args.batch_size,
         learning_rate=args.learning_rate, temperature=args.temperature, input_norm_bound=args.input_norm_bound,
         widths=args.widths and tuple(args.widths), model=args.model, mechanism=args.mechanism,
-        max_grad_norm=args.max_grad_norm, attack_steps=args.attack_steps, seed=args.seed, data_root=args.data_root,
+        max_grad_norm=args.max_grad_norm, feature_radius=args.feature_radius, attack_steps=args.attack_steps, seed=args.seed, data_root=args.data_root,
         progress=not args.no_progress, validation=args.validation,
     )
     print(markdown_table(result))

@@ -430,3 +430,29 @@ def test_recipe_refuses_a_clipping_norm_without_clipping_and_clipping_without_a_
 
     with pytest.raises(UserError, match=message):
         recipe.run(**{"dataset": "digits", "epochs": 1, "progress": False, **settings})
+
+
+def test_recipe_scattering_pipeline_is_certified_in_pixel_space():
+    """``model="scattering"``: the classification recipe's certified pipeline, attacked through its front end in
+    pixel space; no label of a clean vanilla set leaves the attacked robust set, and the constant is the pipeline's
+    (head x preprocessing), larger than 1 / c alone (c = 2 for the 8x8 digits, whose images have norm ~4)."""
+    from recipes import conformal as recipe
+
+    result = recipe.run(dataset="digits", model="scattering", epochs=30, calibration_size=0.25, test_size=120,
+                        attack_steps=3, feature_radius=2.0, progress=False)
+    assert result["certificate_violations"] == {"non-private": 0, "private": 0}
+    assert result["train"]["config"]["noise_strategy"] == "min_energy" and result["train"]["epsilon"] <= 3 + 1e-6
+    assert 1 / 2.0 < result["lipschitz"] < float("inf")
+    assert result["clean_accuracy"] > 0.5
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(model="scattering", mechanism="clipping", max_grad_norm=1.0), "certified bounds only"),
+    (dict(model="mlp", feature_radius=8.0), "--feature-radius"),
+])
+def test_recipe_refuses_settings_of_the_other_model(settings, message):
+    from lipdp.cli.errors import UserError
+    from recipes import conformal as recipe
+
+    with pytest.raises(UserError, match=message):
+        recipe.run(**{"dataset": "digits", "epochs": 1, "progress": False, **settings})
