@@ -422,7 +422,7 @@ def test_recipe_refuses_a_validation_that_is_not_a_fraction(fraction):
 
 @pytest.mark.parametrize("settings, message", [
     (dict(mechanism="bounds", max_grad_norm=1.0), "clips no per-sample gradient"),
-    (dict(dataset="iris", mechanism="clipping"), "needs a clipping norm"),
+    (dict(model="cnn", mechanism="clipping"), "needs a clipping norm"),
 ])
 def test_recipe_refuses_a_clipping_norm_without_clipping_and_clipping_without_a_norm(settings, message):
     from lipdp.cli.errors import UserError
