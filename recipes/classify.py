@@ -97,6 +97,19 @@ def logits_of_pixels(head: nn.Module, front_end: str, groups: int, image_shape: 
     return logits
 
 
+def released_logits(model: nn.Module, head: str, input_shape: tuple[int, ...], num_classes: int, front_end: str,
+                    groups: int, image_shape: tuple[int, ...], preprocessing: PrivatePreprocessing | None,
+                    normalisation: str, order_weights: tuple[float, ...]
+                    ) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
+    """A copy of the trained ``model`` without the engine's training hooks (they rescale and clip gradients at the
+    output), and its logits as a differentiable function of the images (:func:`logits_of_pixels`)."""
+    released = build_model(head, input_shape, num_classes)
+    released.load_state_dict(model.state_dict())
+    return released, logits_of_pixels(released.eval(), front_end, groups, image_shape, flatten=head == "linear",
+                                      preprocessing=preprocessing, normalisation=normalisation,
+                                      order_weights=order_weights)
+
+
 def save_saliency_maps(logits: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, labels: torch.Tensor,
                        path: Path) -> Path:
     """PNG: each image over the gradient, with respect to its pixels, of its predicted class's margin (top logit
@@ -221,13 +234,10 @@ def run(dataset: str = "fashion-mnist", epsilon: float = 3.0, delta: float = 1e-
     certified = {str(r): certified_accuracy(
         model, evaluation, r, lipschitz if pixel_lipschitz is None else pixel_lipschitz) for r in RADII}
     if saliency is not None:
-        # A copy without the engine's training hooks (they rescale and clip gradients at the output).
-        released = build_model(head, features.input_shape, features.num_classes)
-        released.load_state_dict(model.state_dict())
         images, labels = load_dataset(dataset, seed=seed).test.tensors
-        logits = logits_of_pixels(released.eval(), front_end, preprocessing_settings["groups"],
-                                  tuple(images.shape[1:]), flatten=head == "linear", preprocessing=preprocessing,
-                                  normalisation=normalisation, order_weights=order_weights)
+        _, logits = released_logits(model, head, features.input_shape, features.num_classes, front_end,
+                                    preprocessing_settings["groups"], tuple(images.shape[1:]), preprocessing,
+                                    normalisation, order_weights)
         save_saliency_maps(logits, images[:SALIENCY_IMAGES], labels[:SALIENCY_IMAGES], saliency)
     return {
         "dataset": dataset, "description": features.description, "front_end": front_end, "head": head,

@@ -64,8 +64,8 @@ from lipdp.conformal import (
     true_label_scores,
 )
 from lipdp.datasets import load_dataset, train_validation_split
-from lipdp.evaluation import predict
 from lipdp.engine import LipDPEngine
+from lipdp.evaluation import predict
 from lipdp.models import orthogonal_network
 from lipdp.training import TrainConfig, TrainResult, train_private
 from recipes import classify
@@ -150,11 +150,8 @@ def train_scattering_pipeline(train: TensorDataset, evaluation: TensorDataset, n
     result, engine = train_private(head, TensorDataset(rows, y), TensorDataset(eval_rows, y_eval), config,
                                    progress=progress, engine=engine)
     lipschitz = engine.lipschitz_constant() * preprocessing.lipschitz()
-    released = classify.build_model("linear", (rows.shape[1],), num_classes)  # without the engine's hooks
-    released.load_state_dict(head.state_dict())
-    logits = classify.logits_of_pixels(released.eval(), front_end, groups, tuple(x.shape[1:]), flatten=True,
-                                       preprocessing=preprocessing, normalisation="lipschitz",
-                                       order_weights=order_weights)
+    released, logits = classify.released_logits(head, "linear", (rows.shape[1],), num_classes, front_end, groups,
+                                                tuple(x.shape[1:]), preprocessing, "lipschitz", order_weights)
     return PixelLogits(released, logits), result, lipschitz
 
 
@@ -394,7 +391,8 @@ def run_from_arguments(args: argparse.Namespace) -> int:
         score_bias=args.score_bias, grid_size=args.grid_size, epochs=args.epochs, batch_size=args.batch_size,
         learning_rate=args.learning_rate, temperature=args.temperature, input_norm_bound=args.input_norm_bound,
         widths=args.widths and tuple(args.widths), model=args.model, mechanism=args.mechanism,
-        max_grad_norm=args.max_grad_norm, feature_radius=args.feature_radius, attack_steps=args.attack_steps, seed=args.seed, data_root=args.data_root,
+        max_grad_norm=args.max_grad_norm, feature_radius=args.feature_radius, attack_steps=args.attack_steps,
+        seed=args.seed, data_root=args.data_root,
         progress=not args.no_progress, validation=args.validation,
     )
     print(markdown_table(result))

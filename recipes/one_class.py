@@ -48,16 +48,15 @@ from tqdm.auto import tqdm
 
 from orthogonium.layers import AdaptiveOrthoConv2d, MaxMin, OrthoLinear
 
+from accounting import calibrate_noise
 from lipdp.averaging import WeightAverage
 from lipdp.bounds import lipschitz_constant
 from lipdp.cli.errors import ArgumentParser, UserError, run_main
 from lipdp.cli.output import write_json
 from lipdp.datasets import load_dataset, train_validation_split
-from accounting import calibrate_noise
 from lipdp.engine import LipDPEngine
 from lipdp.layers import InputNormClip, L2NormPool2d
 from lipdp.models import orthogonal_cnn, orthogonal_mlp
-from lipdp.scattering import scattering_features
 from lipdp.one_class import (
     BallPrior,
     BoxPrior,
@@ -72,7 +71,8 @@ from lipdp.one_class import (
     scores,
     train_ocsdf,
 )
-from recipes.front_end import differentiable_scatter, front_end_features
+from lipdp.scattering import scattering_features
+from recipes.front_end import Scatter, differentiable_scatter, front_end_features
 
 log = logging.getLogger("recipes.one_class")
 
@@ -225,7 +225,7 @@ class ScatteringRows(nn.Module):
         self.scatter = differentiable_scatter(tuple(image_shape[-2:]))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return front_end_features("scattering", images, 1, self.scatter, normalisation="lipschitz")[0]
+        return self.rows(images, self.scatter)
 
     @staticmethod
     def lipschitz() -> float:
@@ -233,10 +233,14 @@ class ScatteringRows(nn.Module):
         return 1.0
 
     @staticmethod
-    def of_split(images: torch.Tensor, progress: bool = True) -> torch.Tensor:
-        """The same rows of a whole split, from the cached coefficients (``lipdp.scattering.scattering_features``)."""
-        scatter = functools.partial(scattering_features, progress=progress)
+    def rows(images: torch.Tensor, scatter: Scatter) -> torch.Tensor:
+        """The rows from ``scatter``'s coefficients (groups do not apply to the lipschitz normalisation: 1)."""
         return front_end_features("scattering", images, 1, scatter, normalisation="lipschitz")[0]
+
+    @classmethod
+    def of_split(cls, images: torch.Tensor, progress: bool = True) -> torch.Tensor:
+        """The same rows of a whole split, from the cached coefficients (``lipdp.scattering.scattering_features``)."""
+        return cls.rows(images, functools.partial(scattering_features, progress=progress))
 
 
 @dataclass
@@ -324,8 +328,12 @@ def load_tasks(args: argparse.Namespace) -> list[Task]:
     if feature_map is not None:
         inputs_train, inputs_eval = (ScatteringRows.of_split(x, progress=not args.quiet)
                                      for x in (inputs_train, inputs_eval))
+    features = inputs_train[0].numel()
     if args.rank is None:
-        args.rank = min(SUBSPACE_RANK, inputs_train[0].numel() // 3)
+        args.rank = min(SUBSPACE_RANK, features // 3)
+    if args.detector == "subspace" and args.rank > features:
+        raise UserError(f"--rank {args.rank} exceeds the {features} features of the detector's rows.",
+                        f"give --rank between 0 and {features}")
     tasks = []
     for c in classes:
         raw = (x_train[y_train == c], x_eval[y_eval == c], x_eval[y_eval != c])
@@ -387,10 +395,6 @@ def fit_subspace_detector(task: Task, args: argparse.Namespace, seed: int, epsil
                           ) -> tuple[SubspaceResidual, dict]:
     """The subspace detector: two releases at one noise multiplier, calibrated so that together they meet
     (``epsilon``, ``--delta``) (``lipdp.one_class.subspace``), or exact statistics without ``epsilon``."""
-    features = math.prod(task.input_shape)
-    if args.rank > features:
-        raise UserError(f"--rank {args.rank} exceeds the {features} features of the detector's rows.",
-                        f"give --rank between 0 and {features}")
     started = time.perf_counter()
     record: dict = {"private": epsilon is not None}
     if epsilon is None:
