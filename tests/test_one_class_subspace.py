@@ -157,6 +157,23 @@ def test_recipe_subspace_on_a_table(capsys):
     assert "subspace eps=8" in capsys.readouterr().out
 
 
+def test_recipe_writes_its_summary_as_a_results_section(tmp_path, capsys):
+    from recipes import one_class
+
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# kept\n\n<!-- BEGIN other -->\nuntouched\n<!-- END other -->\n")
+    argv = ["--dataset", "breast_cancer", "--detector", "subspace", "--rank", "3", "--epsilon", "8",
+            "--isolation-forest", "--quiet", "--results", str(results)]
+    assert one_class.main(argv) == 0
+    text = results.read_text()
+    printed = capsys.readouterr().out
+    assert "untouched" in text and "<!-- BEGIN one_class-breast_cancer -->" in text
+    assert "python -m recipes.one_class --dataset breast_cancer --detector subspace" in text
+    summary_line = next(line for line in printed.splitlines() if "subspace eps=8" in line)
+    assert summary_line in text  # the printed table, not a second rendering of it
+    assert one_class.main(argv) == 0 and results.read_text().count("BEGIN one_class-breast_cancer") == 1
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--dataset", "breast_cancer", "--features", "scattering", "--detector", "subspace"], "needs images"),
     (["--dataset", "breast_cancer", "--detector", "ocsdf", "--features", "scattering"], "subspace detector"),
