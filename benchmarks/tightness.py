@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.report import OUT_DIR, RESULTS, table, write_json, write_section
+from lipdp.presets import TRAIN_PRESETS
 
 logger = logging.getLogger(__name__)
 
@@ -28,11 +29,14 @@ SECTION = "tightness"
 NETWORKS = {"cnn": (16, 32, 64), "patch": (32, 64)}
 TEMPERATURE = 8.0
 LEARNING_RATE = 1e-3
+#: The logit-gradient clip of ``lipdp train``'s Fashion-MNIST preset: the bound the engine uses there.
+PRESET_LOSS_GRAD_CLIP = TRAIN_PRESETS["fashion-mnist"].get("loss_grad_clip")
 
 
 def measure(kind: str, widths: tuple[int, ...], images, labels, train_images, train_labels, steps: int,
-            seed: int) -> list[dict]:
-    """Tightness per parameter at initialisation and after ``steps`` plain Adam steps (rows of the table)."""
+            seed: int, loss_grad_clip: float | None = None) -> list[dict]:
+    """Tightness per parameter at initialisation and after ``steps`` plain Adam steps (rows of the table). With
+    ``loss_grad_clip`` C, the bounds and the real gradients both have each sample's logit gradient clipped to C."""
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -58,7 +62,8 @@ def measure(kind: str, widths: tuple[int, ...], images, labels, train_images, tr
         engine = LipDPEngine(seed=seed)
         probe, _, _ = engine.make_private(module=probe, optimizer=torch.optim.SGD(probe.parameters(), lr=0.0),
                                           data_loader=DataLoader(TensorDataset(images, labels), batch_size=len(images)),
-                                          criterion=criterion, noise_multiplier=1.0, input_norm_bound=1.0)
+                                          criterion=criterion, noise_multiplier=1.0, input_norm_bound=1.0,
+                                          loss_grad_clip=loss_grad_clip)
         bounds = engine.current_bounds().sensitivities
         mechanism = engine.mechanism
         per_row = PerRowGradients(probe, mechanism.materialized, mechanism.plan.plain_parameters())
@@ -68,6 +73,8 @@ def measure(kind: str, widths: tuple[int, ...], images, labels, train_images, tr
         logits.requires_grad_(True)
         summed = LipschitzCrossEntropy(TEMPERATURE, reduction="sum")(logits, labels)
         (grad_outputs,) = torch.autograd.grad(summed, logits)
+        if loss_grad_clip is not None:  # as the engine's output hook does
+            grad_outputs = grad_outputs * (loss_grad_clip / grad_outputs.norm(dim=1, keepdim=True)).clamp(max=1.0)
         norms: dict[str, list[float]] = {}
         for start in range(0, len(images), 32):
             chunk = per_row(weights, images[start:start + 32], grad_outputs[start:start + 32])
@@ -77,6 +84,7 @@ def measure(kind: str, widths: tuple[int, ...], images, labels, train_images, tr
         total_bound = sum(delta**2 for delta in bounds.values()) ** 0.5
         parameters = sum(weight.numel() for weight in weights.values())
         rows.append({"network": kind, "widths": list(widths), "parameters": parameters, "steps": target,
+                     "loss_grad_clip": loss_grad_clip,
                      "tightness": {name: statistics.median(values) / bounds[name] for name, values in norms.items()},
                      "layers": {name: _layer_kind(probe, name) for name in norms},
                      "whole": statistics.median(whole) / total_bound, "total_bound": total_bound})
@@ -110,15 +118,18 @@ def render(rows: list[dict], samples: int) -> str:
     lines = []
     for row in rows:
         cells = ", ".join(f"{name} ({row['layers'][name]}): {value:.2f}" for name, value in row["tightness"].items())
-        lines.append([f"{row['network']} {tuple(row['widths'])}", str(row["parameters"]), str(row["steps"]), cells,
-                      f"{row['whole']:.2f}"])
+        clip = row.get("loss_grad_clip")
+        lines.append([f"{row['network']} {tuple(row['widths'])}", str(row["parameters"]),
+                      "none" if clip is None else f"{clip:g}", str(row["steps"]), cells, f"{row['whole']:.2f}"])
     return "\n".join([
         f"Median over {samples} real Fashion-MNIST training images of each parameter's real per-sample gradient norm "
         "(torch.func) over its certified bound Delta; last column: median whole-gradient norm over sqrt(sum Delta^2). "
         f"Lipschitz cross-entropy at tau = {TEMPERATURE:g}; plain Adam (lr {LEARNING_RATE:g}, batch 256) before the "
-        "later rows. Regenerate: `python -m benchmarks.tightness`.",
+        "later rows. With a logit clip C (the engine's `loss_grad_clip`, `lipdp train`'s Fashion-MNIST preset uses "
+        f"{PRESET_LOSS_GRAD_CLIP:g}), each sample's logit gradient is clipped to C in both the bound and the real "
+        "gradient. Regenerate: `python -m benchmarks.tightness`.",
         "",
-        table(["network", "parameters", "plain steps", "median real / bound per parameter", "whole gradient"], lines),
+        table(["network", "parameters", "logit clip", "plain steps", "median real / bound per parameter", "whole gradient"], lines),
     ])
 
 
@@ -128,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--networks", nargs="+", choices=sorted(NETWORKS), default=sorted(NETWORKS))
     parser.add_argument("--samples", type=int, default=256, help="real training images the medians are over")
     parser.add_argument("--steps", type=int, default=150, help="plain Adam steps before the second measurement")
+    parser.add_argument("--loss-grad-clips", type=float, nargs="+", default=[0.0, PRESET_LOSS_GRAD_CLIP],
+                        metavar="C", help="logit-gradient clips to measure under, 0 for none (default: none and "
+                                          "the Fashion-MNIST preset's, %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results", type=Path, default=RESULTS, help="markdown file whose section is rewritten")
     args = parser.parse_args(argv)
@@ -139,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     images, labels = train_images[:args.samples], train_labels[:args.samples]
     rows = []
     for kind in args.networks:
-        rows += measure(kind, NETWORKS[kind], images, labels, train_images, train_labels, args.steps, args.seed)
+        for clip in dict.fromkeys(args.loss_grad_clips):
+            rows += measure(kind, NETWORKS[kind], images, labels, train_images, train_labels, args.steps, args.seed,
+                            clip or None)
     write_json(OUT_DIR / f"{SECTION}.json", rows)
     print(f"wrote {write_section(SECTION, render(rows, args.samples), args.results)}")
     return 0

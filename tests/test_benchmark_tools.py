@@ -24,6 +24,21 @@ def test_tightness_is_a_real_ratio_within_the_bound_for_every_parameter():
     assert "median real / bound" in tightness.render([before, after], 8)
 
 
+def test_tightness_under_a_logit_clip_shrinks_bound_and_gradients_together():
+    """With loss_grad_clip C the engine's bounds shrink by C / sqrt(2) and the real gradients are clipped the same
+    way: the ratio stays within 1, and the clipped bound is the unclipped one times C / sqrt(2)."""
+    generator = torch.Generator().manual_seed(1)
+    images = torch.rand(16, 1, 8, 8, generator=generator)
+    labels = torch.arange(16) % 3
+    (plain,) = tightness.measure("cnn", (4,), images[:8], labels[:8], images, labels, steps=0, seed=0)
+    (clipped,) = tightness.measure("cnn", (4,), images[:8], labels[:8], images, labels, steps=0, seed=0,
+                                   loss_grad_clip=0.1)
+    assert clipped["total_bound"] == pytest.approx(plain["total_bound"] * 0.1 / 2 ** 0.5, rel=1e-5)
+    assert all(0 < value <= 1 + 1e-5 for value in clipped["tightness"].values()), clipped["tightness"]
+    assert clipped["whole"] > plain["whole"]  # a clip below the typical logit gradient tightens the bound
+    assert "| cnn (4,) | " in tightness.render([plain, clipped], 8) and "| 0.1 | 0 |" in tightness.render([clipped], 8)
+
+
 @pytest.mark.slow
 def test_bounds_and_clipping_train_the_same_network_on_digits():
     runs = [bounds_vs_clipping.train_one("digits-mlp", 3.0, mechanism, clip, True, 0)
