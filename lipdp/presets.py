@@ -10,7 +10,7 @@ from __future__ import annotations
 
 TRAIN_PRESETS: dict[str, dict] = {
     "fashion-mnist": dict(model="cnn", epochs=6, batch_size=2048, learning_rate=1e-2, widths=(16, 32, 64),
-                          temperature=8.0),
+                          temperature=8.0, loss_grad_clip=1.0),
     "digits": dict(model="mlp", epochs=30, batch_size=256, learning_rate=5e-2, widths=(64,), temperature=8.0),
     # Any other data set: the CNN for images, the MLP otherwise (model None: chosen from the data's shape).
     "default": dict(model=None, epochs=30, batch_size=256, learning_rate=2e-2, widths=(32, 64), temperature=8.0),
@@ -28,6 +28,16 @@ KIND_PRESETS: dict[str, dict] = {
 DEMO_PRESET = dict(epsilon=3.0, delta=1e-5, learning_rate=0.1, temperature=1.0, loss_grad_clip=0.5,
                    noise_strategy="min_energy", centring_noise=10.0)
 DEMO_LENGTH = {"fashion-mnist": dict(epochs=10, batch_size=4096), "digits": dict(epochs=30, batch_size=512)}
+
+
+#: The preset keys that are ``lipdp.training.TrainConfig`` fields (``model`` and ``widths`` build the network); a
+#: preset without ``loss_grad_clip`` keeps TrainConfig's default (no clip).
+TRAINING_KEYS = ("epochs", "batch_size", "learning_rate", "temperature", "loss_grad_clip")
+
+
+def training_settings(preset: dict) -> dict:
+    """The ``TrainConfig`` fields a preset sets: ``TrainConfig(**training_settings(preset), ...)``."""
+    return {key: preset[key] for key in TRAINING_KEYS if key in preset}
 
 
 def train_preset(dataset: str, model: str | None = None) -> dict:

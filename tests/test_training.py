@@ -58,6 +58,35 @@ def test_lipdp_train_command_writes_json_and_plot(tmp_path, capsys):
     assert plot.stat().st_size > 0 and "test accuracy" in capsys.readouterr().out
 
 
+def test_presets_carry_their_logit_clip_into_the_training_config():
+    from lipdp.presets import TRAIN_PRESETS, training_settings
+    from lipdp.training import TrainConfig
+
+    settings = training_settings(TRAIN_PRESETS["fashion-mnist"])
+    assert TrainConfig(**settings).loss_grad_clip == TRAIN_PRESETS["fashion-mnist"]["loss_grad_clip"] is not None
+    assert "widths" not in settings and "model" not in settings  # those build the network
+    assert "loss_grad_clip" not in training_settings(TRAIN_PRESETS["digits"])  # TrainConfig's default (none) stays
+
+
+@pytest.mark.parametrize("flag, expected", [("0", None), ("0.5", 0.5)])
+def test_lipdp_train_logit_clip_flag_zero_turns_the_clip_off(tmp_path, flag, expected):
+    out = tmp_path / "run.json"
+    assert lipdp_main(["train", "--dataset", "digits", "--epochs", "1", "--loss-grad-clip", flag,
+                       "--json", str(out), "--no-progress"]) == 0
+    assert json.loads(out.read_text())["config"]["loss_grad_clip"] == expected
+
+
+def test_classify_cnn_head_takes_the_end_to_end_defaults_not_the_linear_heads():
+    result = classify.run("digits", head="cnn", epochs=1, batch_size=256, progress=False)
+    config, preset = result["config"], classify.CNN_PRESET
+    assert result["front_end"] == "pixels" and result["head"] == "cnn"
+    assert (config["temperature"], config["learning_rate"]) == (preset["temperature"], preset["learning_rate"])
+    assert config["loss_grad_clip"] == preset["loss_grad_clip"] and config["noise_strategy"] == "global"
+    assert classify.HEAD_DEFAULTS["linear"]["temperature"] != preset["temperature"]  # the two heads differ
+    unclipped = classify.run("digits", head="cnn", epochs=1, batch_size=256, progress=False, loss_grad_clip=0)
+    assert unclipped["config"]["loss_grad_clip"] is None
+
+
 def test_classify_refuses_a_cnn_head_on_flat_features():
     with pytest.raises(ValueError, match="front_end='pixels'"):
         classify.run("digits", front_end="scattering", head="cnn", epochs=1, progress=False)

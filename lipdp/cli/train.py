@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from lipdp.cli.output import write_json
+from lipdp.presets import TRAIN_PRESETS
 
 HELP = "train an orthogonal network privately and report accuracy and (eps, delta)"
 DESCRIPTION = "Train privately on an offline data set; prints test accuracy and the budget report."
@@ -13,6 +14,12 @@ OPTIMIZERS = ("adam", "sgd")  # lipdp.training.OPTIMIZERS, repeated here so that
 NOISE_STRATEGIES = ("global", "per_layer", "min_energy")  # lipdp.noise.NOISE_STRATEGIES, same reason
 MECHANISMS = ("bounds", "clipping")  # lipdp.clipping.MECHANISMS, same reason
 MODELS = ("cnn", "patch", "mlp")  # lipdp.models.NETWORK_KINDS, same reason
+
+
+def _preset_default(name: str, fallback: str) -> str:
+    """Where a preset sets ``name``, as the help says it: 'fashion-mnist: 1.0, else none'."""
+    named = [f"{dataset}: {preset[name]}" for dataset, preset in TRAIN_PRESETS.items() if name in preset]
+    return f"default: per data set ({', '.join(named)}, else {fallback})"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--noise-strategy", choices=NOISE_STRATEGIES, default="global",
                         help="how noise is spread over parameter groups (all are accounted as sigma)")
     parser.add_argument("--loss-grad-clip", type=float, default=None,
-                        help="clip each sample's logit gradient to this norm (<= sqrt(2) lowers the noise)")
+                        help="clip each sample's logit gradient to this norm (<= sqrt(2) lowers the noise; 0: no "
+                             "clip); " + _preset_default("loss_grad_clip", "none"))
     parser.add_argument("--mechanism", choices=MECHANISMS, default="bounds",
                         help="bounds: noise from the certified per-sample bounds (no per-sample work); clipping: "
                              "DP-SGD's per-sample clipping on the same model, to compare (needs --max-grad-norm)")
@@ -69,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from lipdp import distributed
     from lipdp.datasets import load_dataset, train_validation_split
     from lipdp.models import orthogonal_network
-    from lipdp.presets import choose_model
+    from lipdp.presets import choose_model, training_settings
     from lipdp.training import TrainConfig, train_private
 
     splits = load_dataset(args.dataset, root=args.data_root, seed=args.seed)
@@ -79,14 +87,17 @@ def run(args: argparse.Namespace) -> int:
         held_out_name = "validation"
     kind, preset = choose_model(splits.name, splits.input_shape, args.model)
     widths = tuple(args.widths or preset["widths"])
+    given = {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.lr,
+             "temperature": args.temperature}
+    settings = {**training_settings(preset), **{name: value for name, value in given.items() if value is not None}}
+    if args.loss_grad_clip is not None:
+        settings["loss_grad_clip"] = args.loss_grad_clip or None  # 0: no clip
+    settings["batch_size"] = min(settings["batch_size"], len(train_set))
     config = TrainConfig(
-        epsilon=args.epsilon, delta=args.delta, epochs=args.epochs or preset["epochs"],
-        batch_size=min(args.batch_size or preset["batch_size"], len(train_set)),
-        learning_rate=args.lr or preset["learning_rate"], temperature=args.temperature or preset["temperature"],
-        noise_strategy=args.noise_strategy, loss_grad_clip=args.loss_grad_clip, accountant=args.accountant,
-        seed=args.seed, max_physical_batch_size=args.physical_batch_size, optimizer=args.optimizer,
-        views=args.views, max_shift=args.shift, flip=args.flip, mechanism=args.mechanism,
-        max_grad_norm=args.max_grad_norm,
+        epsilon=args.epsilon, delta=args.delta, **settings, noise_strategy=args.noise_strategy,
+        accountant=args.accountant, seed=args.seed,
+        max_physical_batch_size=args.physical_batch_size, optimizer=args.optimizer, views=args.views,
+        max_shift=args.shift, flip=args.flip, mechanism=args.mechanism, max_grad_norm=args.max_grad_norm,
     )
     model = orthogonal_network(kind, splits.input_shape, splits.num_classes, widths)
     if not distributed.init_from_env() or distributed.is_main_process():  # under torchrun, rank 0 reports
