@@ -40,6 +40,7 @@ from lipdp.datasets import load_dataset, train_validation_split
 from lipdp.engine import LipDPEngine
 from lipdp.layers import InputNormClip
 from lipdp.models import orthogonal_cnn
+from lipdp.presets import TRAIN_PRESETS, training_settings
 from lipdp.statistics import ChannelBlock
 from lipdp.training import OPTIMIZERS, TrainConfig, train_private
 from recipes.front_end import (NORMALISATIONS, PrivatePreprocessing, differentiable_scatter, front_end_features,
@@ -61,6 +62,13 @@ DEFAULTS = dict(epochs=40, batch_size=4096, learning_rate=0.1, temperature=1.0, 
 PREPROCESSING_SETTINGS = ("groups", "centring_noise", "whitening_noise", "whitening_floor", "normalisation", "radius",
                           "order_weights")
 DEFAULT_FRONT_END = "scattering+fine-scattering+pixels"
+#: The end-to-end head (pixels -> lipdp's orthogonal CNN) trains with ``lipdp train``'s Fashion-MNIST preset
+#: (``lipdp.presets``: its length, learning rate, temperature and logit-gradient clip, chosen on validation for that
+#: network, README) and its noise strategy (TrainConfig's); the linear head's settings do not fit a deep network.
+CNN_PRESET = TRAIN_PRESETS["fashion-mnist"]
+HEAD_DEFAULTS = {"linear": DEFAULTS, "cnn": {**DEFAULTS, "noise_strategy": TrainConfig.noise_strategy,
+                                               **training_settings(CNN_PRESET)}}
+HEAD_FRONT_ENDS = {"linear": DEFAULT_FRONT_END, "cnn": "pixels"}
 RADII = (0.0, 0.05, 0.1, 0.25, 0.5)
 SALIENCY_IMAGES = 8
 
@@ -161,11 +169,13 @@ def prepare_data(dataset: str, front_end: str, groups: int, validation: bool, se
                         splits.description, blocks)
 
 
-def build_model(head: str, input_shape: tuple[int, ...], num_classes: int, widths=(16, 32, 64)) -> nn.Module:
+def build_model(head: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """``linear``: InputNormClip(1) -> one dense layer on the flat rows; ``cnn``: the orthogonal CNN of
+    ``CNN_PRESET`` on the images."""
     if head == "linear":
         features = int(torch.tensor(input_shape).prod())
         return nn.Sequential(nn.Flatten(), InputNormClip(1.0), nn.Linear(features, num_classes))
-    return orthogonal_cnn(input_shape, num_classes, widths=widths)
+    return orthogonal_cnn(input_shape, num_classes, widths=CNN_PRESET["widths"])
 
 
 class PrivateFeatures(NamedTuple):
@@ -213,11 +223,14 @@ def private_features(dataset: str = "fashion-mnist", front_end: str = DEFAULT_FR
 
 
 def run(dataset: str = "fashion-mnist", epsilon: float = 3.0, delta: float = 1e-5, seed: int = 0,
-        front_end: str = DEFAULT_FRONT_END, head: str = "linear", validation: bool = False, progress: bool = True,
+        front_end: str | None = None, head: str = "linear", validation: bool = False, progress: bool = True,
         saliency: Path | None = None, **overrides) -> dict:
-    """One private training run; returns accuracy, certified accuracy, (epsilon, delta), timings. With
-    ``saliency``, also saves the input-gradient maps of the first test images there (PNG)."""
-    settings = {**DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}}
+    """One private training run; returns accuracy, certified accuracy, (epsilon, delta), timings. Unset settings
+    and ``front_end`` take the head's defaults (``HEAD_DEFAULTS``, ``HEAD_FRONT_ENDS``). With ``saliency``, also
+    saves the input-gradient maps of the first test images there (PNG)."""
+    front_end = front_end or HEAD_FRONT_ENDS[head]
+    settings = {**HEAD_DEFAULTS[head], **{k: v for k, v in overrides.items() if v is not None}}
+    settings["loss_grad_clip"] = settings["loss_grad_clip"] or None  # 0: no clip
     preprocessing_settings = {name: settings.pop(name) for name in PREPROCESSING_SETTINGS}
     normalisation = preprocessing_settings["normalisation"]
     order_weights = tuple(preprocessing_settings["order_weights"])
@@ -268,6 +281,12 @@ def markdown_table(results: list[dict]) -> str:
 PROG = "python -m recipes.classify"
 
 
+def _default_text(name: str) -> str:
+    """A flag's default as its help says it: one value, or the linear and cnn heads' where they differ."""
+    linear, cnn = HEAD_DEFAULTS["linear"][name], HEAD_DEFAULTS["cnn"][name]
+    return f"default {linear}" if linear == cnn else f"default {linear} (linear head), {cnn} (cnn head)"
+
+
 def build_parser() -> ArgumentParser:
     """The recipe's flags (one-line errors, exit status 2: ``lipdp.cli.errors``)."""
     parser = ArgumentParser(prog=PROG, description=__doc__,
@@ -275,15 +294,19 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, digits, cifar10, ...")
     parser.add_argument("--epsilons", type=float, nargs="+", default=[3.0], help="target epsilons, one run each")
     parser.add_argument("--delta", type=float, default=1e-5, help="target delta")
-    parser.add_argument("--front-end", choices=FRONT_ENDS, default=DEFAULT_FRONT_END,
-                        help=f"fixed per-sample feature extractor (free in privacy), default {DEFAULT_FRONT_END}")
+    parser.add_argument("--front-end", choices=FRONT_ENDS, default=None,
+                        help=f"fixed per-sample feature extractor (free in privacy), default {DEFAULT_FRONT_END} "
+                             "for the linear head, pixels for the cnn head")
     parser.add_argument("--head", choices=("linear", "cnn"), default="linear", help="trainable Lipschitz model")
-    parser.add_argument("--epochs", type=int, default=None, help=f"default {DEFAULTS['epochs']}")
-    parser.add_argument("--batch-size", type=int, default=None, help=f"expected Poisson batch, default {DEFAULTS['batch_size']}")
-    parser.add_argument("--lr", dest="learning_rate", type=float, default=None, help=f"learning rate, default {DEFAULTS['learning_rate']}")
+    parser.add_argument("--epochs", type=int, default=None, help=_default_text("epochs"))
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"expected Poisson batch, {_default_text('batch_size')}")
+    parser.add_argument("--lr", dest="learning_rate", type=float, default=None,
+                        help=f"learning rate, {_default_text('learning_rate')}")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
                         help=f"adam, or sgd with momentum 0.9; default {DEFAULTS['optimizer']}")
-    parser.add_argument("--temperature", type=float, default=None, help="cross-entropy temperature tau")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help=f"cross-entropy temperature tau, {_default_text('temperature')}")
     parser.add_argument("--groups", type=int, default=None, help="per-sample standardisation groups of scattering channels")
     parser.add_argument("--centring-noise", type=float, default=None, metavar="SIGMA",
                         help="noise multiplier of the private training-feature mean the features are centred on "
@@ -305,8 +328,9 @@ def build_parser() -> ArgumentParser:
                         help="lipschitz normalisation: fixed weight of the scattering orders 0, 1, 2; default "
                              f"{' '.join(map(str, ORDER_WEIGHTS))}")
     parser.add_argument("--noise-strategy", choices=("global", "per_layer", "min_energy"), default=None,
-                        help=f"noise allocation, default {DEFAULTS['noise_strategy']}")
-    parser.add_argument("--loss-grad-clip", type=float, default=None, help="clip each sample's logit gradient to this norm")
+                        help=f"noise allocation, {_default_text('noise_strategy')}")
+    parser.add_argument("--loss-grad-clip", type=float, default=None, help="clip each sample's logit gradient to this norm (0: no clip), "
+                             f"{_default_text('loss_grad_clip')}")
     parser.add_argument("--weight-averaging", type=float, default=None, help="EMA decay of the iterates (e.g. 0.99)")
     parser.add_argument("--validation", action="store_true",
                         help="evaluate on a held-out 10%% of the training split (for tuning) instead of the test split")
@@ -332,7 +356,7 @@ def run_from_arguments(args: argparse.Namespace) -> int:
         result = run(args.dataset, epsilon, args.delta, args.seed, args.front_end, args.head, args.validation,
                      progress=not args.no_progress, saliency=saliency, **overrides)
         results.append(result)
-        print(f"{args.dataset} {args.front_end}+{args.head}: accuracy {result['accuracy']:.4f} on "
+        print(f"{args.dataset} {result['front_end']}+{args.head}: accuracy {result['accuracy']:.4f} on "
               f"{result['evaluated_on']} at (epsilon={result['epsilon']:.3f}, delta={args.delta:g}), "
               f"{result['train_seconds']:.0f} s", flush=True)
     print(markdown_table(results))

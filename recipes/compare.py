@@ -127,15 +127,16 @@ def lipdp_classify(settings: CompareSettings) -> dict:
 def lipdp_cnn(settings: CompareSettings) -> dict:
     """lipdp's default orthogonal CNN through ``lipdp.training.train_private`` (``lipdp train``'s settings)."""
     from lipdp.models import orthogonal_cnn
-    from lipdp.presets import train_preset
+    from lipdp.presets import train_preset, training_settings
     from lipdp.training import TrainConfig, train_private
 
     splits, train, evaluation = _splits(settings)
     defaults = train_preset(splits.name, "cnn")  # where `lipdp train` uses an MLP: the generic CNN settings
-    config = TrainConfig(
-        epsilon=settings.epsilon, delta=settings.delta, epochs=settings.epochs, seed=settings.seed,
-        batch_size=min(settings.lipdp_batch_size or defaults["batch_size"], len(train)),
-        learning_rate=settings.lipdp_learning_rate or defaults["learning_rate"], temperature=defaults["temperature"])
+    config = TrainConfig(**{
+        **training_settings(defaults), "epsilon": settings.epsilon, "delta": settings.delta,
+        "epochs": settings.epochs, "seed": settings.seed,
+        "batch_size": min(settings.lipdp_batch_size or defaults["batch_size"], len(train)),
+        "learning_rate": settings.lipdp_learning_rate or defaults["learning_rate"]})
     model = orthogonal_cnn(splits.input_shape, splits.num_classes, widths=defaults["widths"])
     parameters = sum(p.numel() for p in model.parameters())
     result, _ = train_private(model, train, evaluation, config, progress=settings.progress)
