@@ -3,9 +3,9 @@
     python -m benchmarks.accuracy                                   # Fashion-MNIST and digits, eps 1, 3, 8
     python -m benchmarks.accuracy --datasets digits --epsilons 3 --results /tmp/R.md
 
-Every (data set, epsilon, side) is one run of ``recipes.compare``'s side in its own process, with each side's
+Every (data set, epsilon, row) is one run of a ``recipes.compare`` side in its own process, with each side's
 settings for that data set (``DATASET_SETTINGS``: chosen on validation splits, never on the test split) and the
-same delta and epochs on both sides. Fixed front-end features are computed once and cached between runs (the
+same delta and epochs on both sides; the end-to-end CNN row (``ROWS``) runs at its own preset's length. Fixed front-end features are computed once and cached between runs (the
 comparison, not this table, times a clean setup). Writes the ``accuracy`` section of ``benchmarks/RESULTS.md``
 and a JSON file of every run (``benchmarks/accuracy.json``, tracked: ``--append`` adds runs to it).
 """
@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from benchmarks.harness import ChildFailed
 from benchmarks.report import RESULTS, load_average, machine_paragraph, table, write_json, write_section
-from recipes.compare import SIDES, CompareSettings, run_isolated_side
+from lipdp.presets import train_preset
+from recipes.compare import CompareSettings, run_isolated_side
 
 logger = logging.getLogger(__name__)
 
@@ -38,21 +39,38 @@ DATASET_SETTINGS = {
     "digits": CompareSettings(dataset="digits", epochs=30, lipdp_batch_size=256, opacus_batch_size=256,
                               opacus_learning_rate=2.0),
 }
+#: The table's rows: a ``recipes.compare`` side, and what changes in the data set's settings for it. ``lipdp-cnn`` is
+#: the end-to-end Lipschitz network, ``lipdp train``'s orthogonal CNN on the pixels at its own preset (length
+#: included), run only where that preset is the CNN's (not digits, where ``lipdp train`` uses an MLP).
+ROWS = {"lipdp": ("lipdp", {}), "lipdp-cnn": ("lipdp", {"lipdp_recipe": "cnn"}), "opacus": ("opacus", {})}
+
+
+def row_settings(row: str, dataset: str) -> CompareSettings | None:
+    """The comparison's settings of ``row`` on ``dataset`` (None: the row is not run on it)."""
+    side, changes = ROWS[row]
+    settings = replace(DATASET_SETTINGS[dataset], **changes)
+    if row == "lipdp-cnn":
+        preset = train_preset(dataset)
+        if preset["model"] != "cnn":
+            return None
+        settings = replace(settings, epochs=preset["epochs"])
+    return settings
 
 
 def run_table(datasets: list[str], epsilons: list[float], delta: float, progress: bool,
-              epochs: int | None = None, sides: Sequence[str] = SIDES) -> list[dict]:
-    """One record per (data set, epsilon, side): the side's result dict plus its settings."""
+              epochs: int | None = None, rows: Sequence[str] = tuple(ROWS)) -> list[dict]:
+    """One record per (data set, epsilon, row) the row runs on: the side's result dict plus its settings."""
     records = []
-    jobs = [(d, e, s) for d in datasets for e in epsilons for s in sides]
+    jobs = [(d, e, r) for d in datasets for e in epsilons for r in rows if row_settings(r, d) is not None]
     bar = tqdm(jobs, desc="runs")
-    for dataset, epsilon, side in bar:
-        bar.set_postfix(dataset=dataset, epsilon=epsilon, side=side)
-        settings = replace(DATASET_SETTINGS[dataset], epsilon=epsilon, delta=delta, progress=progress)
+    for dataset, epsilon, row in bar:
+        bar.set_postfix(dataset=dataset, epsilon=epsilon, row=row)
+        settings = replace(row_settings(row, dataset), epsilon=epsilon, delta=delta, progress=progress)
         settings = replace(settings, epochs=epochs or settings.epochs)
+        side = ROWS[row][0]
         result = run_isolated_side(side, settings, fresh_cache=False)
-        logger.info("%s eps=%g %s: %.2f%%", dataset, epsilon, side, 100 * result["test_accuracy"])
-        records.append({"dataset": dataset, "epsilon_target": epsilon, "side": side, "settings": asdict(settings),
+        logger.info("%s eps=%g %s: %.2f%%", dataset, epsilon, row, 100 * result["test_accuracy"])
+        records.append({"dataset": dataset, "epsilon_target": epsilon, "side": row, "settings": asdict(settings),
                         **result})
     return records
 
@@ -66,14 +84,16 @@ def markdown(records: list[dict], delta: float, load_at_start: list[float]) -> s
     epsilons = sorted({r["epsilon_target"] for r in records})
     rows = []
     for dataset in dict.fromkeys(r["dataset"] for r in records):
-        for side in SIDES:
-            mine = {r["epsilon_target"]: r for r in records if r["dataset"] == dataset and r["side"] == side}
-            model = next(iter(mine.values()))["model"] if mine else "—"
-            rows.append([dataset, side, model] + [
+        for row in ROWS:
+            mine = {r["epsilon_target"]: r for r in records if r["dataset"] == dataset and r["side"] == row}
+            if not mine:
+                continue
+            model = next(iter(mine.values()))["model"]
+            rows.append([dataset, row, model] + [
                 f"{100 * mine[e]['test_accuracy']:.2f} (ε={mine[e]['epsilon']:.2f})" if e in mine else "—"
                 for e in epsilons])
     header = ["data set", "library", "model"] + [f"ε = {e:g}" for e in epsilons]
-    epochs = {r["dataset"]: r["settings"]["epochs"] for r in records}
+    epochs = {r["dataset"]: r["settings"]["epochs"] for r in records if r["side"] != "lipdp-cnn"}
     settings = "; ".join(
         f"{name}: {epochs[name]} epochs, lipdp recipe `{s.lipdp_recipe}` (batch {s.lipdp_batch_size or 'its default'}), "
         f"Opacus {s.opacus_mode} (batch {s.opacus_batch_size}, lr {s.opacus_learning_rate:g}, "
@@ -85,7 +105,9 @@ def markdown(records: list[dict], delta: float, load_at_start: list[float]) -> s
         "Generated by `python -m benchmarks.accuracy`. Each cell: test accuracy of one run (seed 0), and the ε its "
         "accountant (PRV) reports for the steps taken. Settings, the same at every ε: "
         f"{settings}. lipdp's recipe defaults were chosen on Fashion-MNIST's validation split, Opacus's are "
-        "Tramèr & Boneh's; the digits batch sizes and epochs were set once, not tuned.",
+        "Tramèr & Boneh's; the digits batch sizes and epochs were set once, not tuned. The `lipdp-cnn` row is "
+        "the end-to-end Lipschitz network on the pixels, `lipdp train`'s orthogonal CNN with its own preset "
+        "(`lipdp.presets`, chosen on validation; its epochs and batch included).",
         table(header, rows),
         "A cell with — was not run (see the note of the run that produced this table).",
         machine_paragraph(threads, load_at_start),
@@ -102,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0], help="target epsilons")
     parser.add_argument("--delta", type=float, default=1e-5, help="target delta of every run")
     parser.add_argument("--epochs", type=int, default=None, help="epochs of every run (default: each data set's)")
-    parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES), help="libraries to run")
+    parser.add_argument("--rows", nargs="+", choices=tuple(ROWS), default=list(ROWS),
+                        help="rows to run: lipdp's classify recipe, lipdp's end-to-end CNN, Opacus")
     parser.add_argument("--append", action="store_true",
                         help="keep the runs already in --json (a new run replaces the one with the same data set, "
                              "epsilon and side) and rebuild the table from all of them")
@@ -118,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rebuild:
         args.append, args.datasets = True, []
     try:
-        records = run_table(args.datasets, args.epsilons, args.delta, not args.no_progress, args.epochs, args.sides)
+        records = run_table(args.datasets, args.epsilons, args.delta, not args.no_progress, args.epochs, args.rows)
     except ChildFailed as error:
         print(f"accuracy: {error}", file=sys.stderr)
         return 1

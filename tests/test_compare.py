@@ -242,11 +242,21 @@ def test_accuracy_table_on_digits(tmp_path):
     results, raw = tmp_path / "R.md", tmp_path / "a.json"
     common = ["--datasets", "digits", "--epsilons", "3", "--epochs", "5", "--results", str(results),
               "--json", str(raw), "--no-progress"]
-    assert accuracy.main(common + ["--sides", "lipdp"]) == 0
-    assert accuracy.main(common + ["--sides", "opacus", "--append"]) == 0  # keeps the lipdp run
+    assert accuracy.main(common + ["--rows", "lipdp"]) == 0
+    assert accuracy.main(common + ["--rows", "opacus", "lipdp-cnn", "--append"]) == 0  # keeps the lipdp run
     records = json.loads(raw.read_text())["records"]
-    assert [r["side"] for r in records] == list(compare.SIDES)
+    assert [r["side"] for r in records] == list(compare.SIDES)  # no end-to-end CNN row: digits trains an MLP
     for record in records:
         assert record["epsilon"] <= 3.0 and record["test_accuracy"] > 0.3  # 10 classes: chance is 0.1
     text = results.read_text()
     assert "<!-- BEGIN accuracy -->" in text and "ε = 3" in text
+
+
+def test_accuracy_table_runs_the_end_to_end_cnn_row_at_its_own_preset():
+    from benchmarks import accuracy
+    from lipdp.presets import TRAIN_PRESETS
+
+    cnn = accuracy.row_settings("lipdp-cnn", "fashion-mnist")
+    assert cnn.lipdp_recipe == "cnn" and cnn.epochs == TRAIN_PRESETS["fashion-mnist"]["epochs"]
+    assert accuracy.row_settings("lipdp", "fashion-mnist").epochs == accuracy.DATASET_SETTINGS["fashion-mnist"].epochs
+    assert accuracy.row_settings("lipdp-cnn", "digits") is None  # lipdp train's digits preset is the MLP
