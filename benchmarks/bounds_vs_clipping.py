@@ -6,16 +6,18 @@
 Each network is ``lipdp train``'s preset for its data set (``lipdp.presets``: the Fashion-MNIST orthogonal CNN, the
 digits orthogonal MLP), trained by ``lipdp.training.train_private`` with ``mechanism="bounds"`` (noise from the
 certified per-sample bounds) and with ``mechanism="clipping"`` (DP-SGD: each record's gradient clipped to C, noise
-sigma C; ``lipdp.clipping``), with the same sampling, accountant, optimizer, schedule, seed and epochs. The clipping
+sigma C; ``lipdp.clipping``), with the same sampling, accountant, optimizer, schedule, seed, epochs
+and logit-gradient clip. The clipping
 norm C is chosen per network at epsilon = 3 on a validation split cut from the training data (``CLIP_GRID``); the
 test split is then read once per (network, epsilon, mechanism). Every run is its own process: the median step time
 (``StepTimer``) and the peak resident memory are its own. Finished runs are kept in ``benchmarks/out/`` and reused
-by a rerun with the same arguments.
+by a rerun with the same arguments and preset (the file name carries a hash of the preset).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -42,7 +44,7 @@ def train_one(network: str, epsilon: float, mechanism: str, max_grad_norm: float
 
     from lipdp.datasets import load_dataset, train_validation_split
     from lipdp.models import orthogonal_network
-    from lipdp.presets import choose_model
+    from lipdp.presets import choose_model, training_settings
     from lipdp.training import TrainConfig, train_private
 
     dataset = NETWORKS[network]
@@ -53,12 +55,13 @@ def train_one(network: str, epsilon: float, mechanism: str, max_grad_norm: float
     kind, preset = choose_model(splits.name, splits.input_shape)
     torch.manual_seed(seed)
     model = orthogonal_network(kind, splits.input_shape, splits.num_classes, preset["widths"])
-    config = TrainConfig(epsilon=epsilon, epochs=preset["epochs"], batch_size=min(preset["batch_size"], len(train)),
-                         learning_rate=preset["learning_rate"], temperature=preset["temperature"], seed=seed,
-                         mechanism=mechanism, max_grad_norm=max_grad_norm)
+    settings = training_settings(preset)
+    settings["batch_size"] = min(settings["batch_size"], len(train))
+    config = TrainConfig(**settings, epsilon=epsilon, seed=seed, mechanism=mechanism, max_grad_norm=max_grad_norm)
     with StepTimer() as timer:
         result, _ = train_private(model, train, held_out, config, progress=False)
     return {"network": network, "kind": kind, "widths": list(preset["widths"]), "epsilon": epsilon,
+            "loss_grad_clip": config.loss_grad_clip,
             "mechanism": mechanism, "max_grad_norm": max_grad_norm, "evaluated_on": "validation" if validation else "test",
             "accuracy": result.test_accuracy, "epsilon_spent": result.epsilon, "noise_multiplier": result.noise_multiplier,
             "epochs": config.epochs, "batch_size": config.batch_size, "steps": result.steps,
@@ -70,8 +73,11 @@ def run_isolated(network: str, epsilon: float, mechanism: str, max_grad_norm: fl
                  seed: int, kept_only: bool = False) -> dict | None:
     """``train_one`` in a fresh interpreter (its own peak memory). Each finished run is kept in ``RUNS_DIR`` and
     reused by a later invocation with the same arguments (a Fashion-MNIST clipping run takes minutes)."""
+    from lipdp.presets import train_preset
+
     split = "validation" if validation else "test"
-    kept = RUNS_DIR / f"{network}-eps{epsilon:g}-{mechanism}-C{max_grad_norm}-{split}-seed{seed}.json"
+    preset = hashlib.sha256(json.dumps(train_preset(NETWORKS[network]), sort_keys=True).encode()).hexdigest()[:8]
+    kept = RUNS_DIR / f"{network}-eps{epsilon:g}-{mechanism}-C{max_grad_norm}-{split}-seed{seed}-{preset}.json"
     if kept.exists():
         return json.loads(kept.read_text())
     if kept_only:
