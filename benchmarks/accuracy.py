@@ -5,8 +5,8 @@
 
 Every (data set, epsilon, row) is one run of a ``recipes.compare`` side in its own process, with each side's
 settings for that data set (``DATASET_SETTINGS``: chosen on validation splits, never on the test split) and the
-same delta and epochs on both sides; the end-to-end CNN row (``ROWS``) runs at its own preset's length. Fixed front-end features are computed once and cached between runs (the
-comparison, not this table, times a clean setup). Writes the ``accuracy`` section of ``benchmarks/RESULTS.md``
+same delta and epochs on both sides; the end-to-end CNN row (``ROWS``) runs at its own preset's length. Fixed
+front-end features are computed once and cached between runs (the comparison, not this table, times a clean setup). Writes the ``accuracy`` section of ``benchmarks/RESULTS.md``
 and a JSON file of every run (``benchmarks/accuracy.json``, tracked: ``--append`` adds runs to it).
 """
 
@@ -16,7 +16,7 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -39,22 +39,31 @@ DATASET_SETTINGS = {
     "digits": CompareSettings(dataset="digits", epochs=30, lipdp_batch_size=256, opacus_batch_size=256,
                               opacus_learning_rate=2.0),
 }
-#: The table's rows: a ``recipes.compare`` side, and what changes in the data set's settings for it. ``lipdp-cnn`` is
-#: the end-to-end Lipschitz network, ``lipdp train``'s orthogonal CNN on the pixels at its own preset (length
-#: included), run only where that preset is the CNN's (not digits, where ``lipdp train`` uses an MLP).
-ROWS = {"lipdp": ("lipdp", {}), "lipdp-cnn": ("lipdp", {"lipdp_recipe": "cnn"}), "opacus": ("opacus", {})}
+
+
+@dataclass(frozen=True)
+class Row:
+    """A row of the table: a ``recipes.compare`` side, its lipdp recipe, and whether it runs at the length of
+    ``lipdp train``'s CNN preset (then only where that preset is the CNN's) instead of the data set's epochs."""
+
+    side: str
+    lipdp_recipe: str = "classify"
+    cnn_preset_length: bool = False
+
+
+#: ``lipdp-cnn`` is the end-to-end Lipschitz network, ``lipdp train``'s orthogonal CNN on the pixels at its own
+#: preset (not on digits, where ``lipdp train`` uses an MLP).
+ROWS = {"lipdp": Row("lipdp"), "lipdp-cnn": Row("lipdp", "cnn", cnn_preset_length=True), "opacus": Row("opacus")}
 
 
 def row_settings(row: str, dataset: str) -> CompareSettings | None:
     """The comparison's settings of ``row`` on ``dataset`` (None: the row is not run on it)."""
-    side, changes = ROWS[row]
-    settings = replace(DATASET_SETTINGS[dataset], **changes)
-    if row == "lipdp-cnn":
-        preset = train_preset(dataset)
-        if preset["model"] != "cnn":
-            return None
-        settings = replace(settings, epochs=preset["epochs"])
-    return settings
+    spec = ROWS[row]
+    settings = replace(DATASET_SETTINGS[dataset], lipdp_recipe=spec.lipdp_recipe)
+    if not spec.cnn_preset_length:
+        return settings
+    preset = train_preset(dataset)
+    return replace(settings, epochs=preset["epochs"]) if preset["model"] == "cnn" else None
 
 
 def run_table(datasets: list[str], epsilons: list[float], delta: float, progress: bool,
@@ -67,8 +76,7 @@ def run_table(datasets: list[str], epsilons: list[float], delta: float, progress
         bar.set_postfix(dataset=dataset, epsilon=epsilon, row=row)
         settings = replace(row_settings(row, dataset), epsilon=epsilon, delta=delta, progress=progress)
         settings = replace(settings, epochs=epochs or settings.epochs)
-        side = ROWS[row][0]
-        result = run_isolated_side(side, settings, fresh_cache=False)
+        result = run_isolated_side(ROWS[row].side, settings, fresh_cache=False)
         logger.info("%s eps=%g %s: %.2f%%", dataset, epsilon, row, 100 * result["test_accuracy"])
         records.append({"dataset": dataset, "epsilon_target": epsilon, "side": row, "settings": asdict(settings),
                         **result})
@@ -93,7 +101,7 @@ def markdown(records: list[dict], delta: float, load_at_start: list[float]) -> s
                 f"{100 * mine[e]['test_accuracy']:.2f} (ε={mine[e]['epsilon']:.2f})" if e in mine else "—"
                 for e in epsilons])
     header = ["data set", "library", "model"] + [f"ε = {e:g}" for e in epsilons]
-    epochs = {r["dataset"]: r["settings"]["epochs"] for r in records if r["side"] != "lipdp-cnn"}
+    epochs = {r["dataset"]: r["settings"]["epochs"] for r in records if not ROWS[r["side"]].cnn_preset_length}
     settings = "; ".join(
         f"{name}: {epochs[name]} epochs, lipdp recipe `{s.lipdp_recipe}` (batch {s.lipdp_batch_size or 'its default'}), "
         f"Opacus {s.opacus_mode} (batch {s.opacus_batch_size}, lr {s.opacus_learning_rate:g}, "

@@ -6,10 +6,9 @@
 Each network is ``lipdp train``'s preset for its data set (``lipdp.presets``: the Fashion-MNIST orthogonal CNN, the
 digits orthogonal MLP), trained by ``lipdp.training.train_private`` with ``mechanism="bounds"`` (noise from the
 certified per-sample bounds) and with ``mechanism="clipping"`` (DP-SGD: each record's gradient clipped to C, noise
-sigma C; ``lipdp.clipping``), with the same sampling, accountant, optimizer, schedule, seed, epochs
-and logit-gradient clip. The clipping
-norm C is chosen per network at epsilon = 3 on a validation split cut from the training data (``CLIP_GRID``); the
-test split is then read once per (network, epsilon, mechanism). Every run is its own process: the median step time
+sigma C; ``lipdp.clipping``), with the same sampling, accountant, optimizer, schedule, seed, epochs and
+logit-gradient clip. The clipping norm C is chosen per network at epsilon = 3 on a validation split cut from the
+training data (``CLIP_GRID``); the test split is then read once per (network, epsilon, mechanism). Every run is its own process: the median step time
 (``StepTimer``) and the peak resident memory are its own. Finished runs are kept in ``benchmarks/out/`` and reused
 by a rerun with the same arguments and preset (the file name carries a hash of the preset).
 """

@@ -129,7 +129,8 @@ def render(rows: list[dict], samples: int) -> str:
         f"{PRESET_LOSS_GRAD_CLIP:g}), each sample's logit gradient is clipped to C in both the bound and the real "
         "gradient. Regenerate: `python -m benchmarks.tightness`.",
         "",
-        table(["network", "parameters", "logit clip", "plain steps", "median real / bound per parameter", "whole gradient"], lines),
+        table(["network", "parameters", "logit clip", "plain steps", "median real / bound per parameter",
+               "whole gradient"], lines),
     ])
 
 

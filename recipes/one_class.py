@@ -211,6 +211,8 @@ def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError(f"--clip-fraction must be in (0, 1], got {args.clip_fraction}.", "use e.g. 0.35")
     if args.detector == "ocsdf" and args.features == "scattering":
         raise UserError("--features scattering is for the subspace detector.", "add --detector subspace")
+    if args.results is not None and not args.results.parent.is_dir():
+        raise UserError(f"--results {args.results}: its folder does not exist.", "create it, or name another file")
     return args
 
 

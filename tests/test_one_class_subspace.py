@@ -180,6 +180,7 @@ def test_recipe_writes_its_summary_as_a_results_section(tmp_path, capsys):
     (["--dataset", "breast_cancer", "--detector", "subspace", "--rank", "500", "--epsilon", "3"], "exceeds"),
     (["--dataset", "breast_cancer", "--clip-fraction", "0"], "--clip-fraction"),
     (["--dataset", "breast_cancer", "--rank", "-2"], "--rank"),
+    (["--dataset", "breast_cancer", "--results", "/nonexistent-folder/R.md"], "folder does not exist"),
 ])
 def test_recipe_refuses_bad_subspace_settings_in_one_line(argv, message, capsys):
     from recipes import one_class
