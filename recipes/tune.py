@@ -7,7 +7,8 @@ private centring mean and channel second moments are released once (Gaussian mec
 from the same budget; then ``lipdp.tuning.tune`` runs a random number of private trials of the linear head with
 settings drawn around the recipe's defaults, scores them on a held-out part of the training split and releases the
 best. The reported epsilon covers the statistics, the search and the released head. Test accuracy is read once,
-for the released head only.
+for the released head only. ``--held-out`` reports on the last 10% of the training split instead (the search then
+runs on the other 90%): for choosing the search's own settings (E[K], the space) without reading the test split.
 """
 
 from __future__ import annotations
@@ -39,10 +40,12 @@ DEFAULT_SPACE = SearchSpace(learning_rate=(0.05, 0.1, 0.2), temperature=(1.0,), 
 
 def run(dataset: str, epsilon: float, delta: float, space: SearchSpace, distribution: str, mean_trials: float,
         shape: float, front_end: str = DEFAULT_FRONT_END, validation_fraction: float = 0.1, seed: int = 0,
-        progress: bool = True) -> dict:
-    """Release the preprocessing statistics, tune the linear head, and report the released head on the test split."""
+        progress: bool = True, held_out: bool = False) -> dict:
+    """Release the preprocessing statistics, tune the linear head, and report the released head on the test split
+    (``held_out``: on the last 10% of the training split, which the statistics and the search never see)."""
     groups = DEFAULTS["groups"]
-    train, test, input_shape, num_classes, description, blocks = prepare_data(dataset, front_end, groups, False, seed)
+    train, test, input_shape, num_classes, description, blocks = prepare_data(dataset, front_end, groups, held_out,
+                                                                              seed)
     if front_end == "pixels":
         train, test = (TensorDataset(d.tensors[0].flatten(1), d.tensors[1]) for d in (train, test))
         input_shape = (train.tensors[0].shape[1],)
@@ -61,7 +64,9 @@ def run(dataset: str, epsilon: float, delta: float, space: SearchSpace, distribu
                   trial_count(distribution, mean_trials, shape), base=base, validation_fraction=validation_fraction,
                   spent=statistics.accountant.history, seed=seed, progress=progress, on_trial=report)
     return {"dataset": dataset, "description": description, "front_end": front_end, "head": "linear",
-            **result.to_dict(), "test_accuracy": None if result.model is None else accuracy(result.model, test),
+            **result.to_dict(), "evaluated_on": "held-out" if held_out else "test",
+            "evaluated_samples": len(test),
+            "accuracy": None if result.model is None else accuracy(result.model, test),
             "coverage": COVERAGE + "; the preprocessing statistics are included in 'epsilon'"}
 
 
@@ -82,6 +87,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--loss-grad-clip", type=float, nargs="+", default=None, help="logit-gradient clip choices")
     parser.add_argument("--epochs", type=int, nargs="+", default=None, help="epoch choices")
     parser.add_argument("--batch-size", type=int, nargs="+", default=None, help="batch-size choices")
+    parser.add_argument("--held-out", action="store_true",
+                        help="report the released head on a held-out 10%% of the training split (the search runs on "
+                             "the rest) instead of the test split: for choosing E[K] and the space")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, the trial count and the trials")
     parser.add_argument("--json", type=Path, default=None, help="write the report here")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -94,13 +102,14 @@ def run_from_arguments(args: argparse.Namespace) -> int:
               "batch_size": args.batch_size}
     space = replace(DEFAULT_SPACE, **{k: tuple(v) for k, v in chosen.items() if v is not None})
     record = run(args.dataset, args.epsilon, args.delta, space, args.distribution, args.mean_trials, args.shape,
-                 args.front_end, args.validation_fraction, args.seed, progress=not args.no_progress)
+                 args.front_end, args.validation_fraction, args.seed, progress=not args.no_progress,
+                 held_out=args.held_out)
     best = record["best"]
     if best is None:
         print("no trial ran (K = 0): nothing is released")
     else:
         print(f"released trial {best['index'] + 1}: {best['settings']}, validation accuracy "
-              f"{best['validation_accuracy']:.4f}, test accuracy {record['test_accuracy']:.4f}")
+              f"{best['validation_accuracy']:.4f}, {record['evaluated_on']} accuracy {record['accuracy']:.4f}")
     print(f"epsilon = {record['epsilon']:.3f} (delta = {args.delta:g}) for the statistics, the search of "
           f"{record['trials']} trials and the release; one trial alone {record['trial_epsilon']:.3f}; naive "
           f"composition {record['naive_epsilon']:.3f}; {record['seconds']:.0f} s of trials")

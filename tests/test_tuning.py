@@ -248,3 +248,19 @@ def test_lipdp_tune_on_digits_end_to_end(tmp_path):
     assert record["trial_epsilon"] < record["epsilon"]
     assert 0 < record["test_accuracy"] <= 1
     assert "trial 1/" in result.stdout and "naive composition" in result.stdout
+
+
+@pytest.mark.parametrize("held_out", [False, True])
+def test_recipe_tune_reports_on_the_test_split_or_a_held_out_part_of_training(tmp_path, held_out):
+    from lipdp.datasets import load_dataset
+    from recipes import tune as recipe
+
+    path = tmp_path / "tune.json"
+    flags = ["--dataset", "digits", "--epsilon", "3", "--epochs", "2", "--batch-size", "256", "--mean-trials", "1.5",
+             "--no-progress", "--json", str(path)]
+    assert recipe.main(flags + (["--held-out"] if held_out else [])) == 0
+    record = json.loads(path.read_text())
+    assert record["evaluated_on"] == ("held-out" if held_out else "test")
+    splits = load_dataset("digits")
+    assert record["evaluated_samples"] == (round(0.1 * len(splits.train)) if held_out else len(splits.test))
+    assert record["epsilon"] <= 3.0 and record["trials"] >= 1 and 0.2 < record["accuracy"] <= 1
