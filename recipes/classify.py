@@ -10,7 +10,9 @@ all three. The features are then centred on the training features' mean and thei
 the channels' second moments, both released once by the Gaussian mechanism (``LipDPEngine.private_mean`` and
 ``private_channel_moments``, noise multipliers ``--centring-noise`` and ``--whitening-noise``; accounted in the
 same (epsilon, delta)), each followed by a rescaling to norm 1. Heads: ``linear`` (one dense layer: its per-sample
-gradient bound is L * X0 whatever its weights) or ``cnn`` (orthogonal CNN from lipdp.models, on ``pixels``).
+gradient bound is L * X0 whatever its weights) or ``cnn`` (orthogonal CNN from lipdp.models, widths ``--widths``)
+on ``pixels`` or on the feature maps of one scattering part (``scattering``: 81 channels at (H/4) x (W/4); the
+preprocessed rows viewed as (channels, h, w), an isometry, so certificates and constants are unchanged).
 Hyper-parameters are chosen with ``--validation`` (last 10% of the training split as held-out data); the test
 split is only used for the final report. Reports test accuracy and certified accuracy at L2 radii. With
 ``--normalisation standardise`` (default) the radii are in the head's input space, the preprocessed features (the
@@ -27,7 +29,7 @@ import logging
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -66,8 +68,9 @@ DEFAULT_FRONT_END = "scattering+fine-scattering+pixels"
 #: (``lipdp.presets``: its length, learning rate, temperature and logit-gradient clip, chosen on validation for that
 #: network, README) and its noise strategy (TrainConfig's); the linear head's settings do not fit a deep network.
 CNN_PRESET = TRAIN_PRESETS["fashion-mnist"]
-HEAD_DEFAULTS = {"linear": DEFAULTS, "cnn": {**DEFAULTS, "noise_strategy": TrainConfig.noise_strategy,
-                                               **training_settings(CNN_PRESET)}}
+HEAD_DEFAULTS = {"linear": {**DEFAULTS, "widths": None},
+                 "cnn": {**DEFAULTS, "noise_strategy": TrainConfig.noise_strategy, "widths": CNN_PRESET["widths"],
+                         **training_settings(CNN_PRESET)}}
 HEAD_FRONT_ENDS = {"linear": DEFAULT_FRONT_END, "cnn": "pixels"}
 RADII = (0.0, 0.05, 0.1, 0.25, 0.5)
 SALIENCY_IMAGES = 8
@@ -88,32 +91,35 @@ def _features(dataset: TensorDataset, front_end: str, groups: int, normalisation
 
 
 def logits_of_pixels(head: nn.Module, front_end: str, groups: int, image_shape: tuple[int, ...],
-                     flatten: bool, preprocessing: PrivatePreprocessing | None = None,
+                     head_input: tuple[int, ...], preprocessing: PrivatePreprocessing | None = None,
                      normalisation: str = "standardise", order_weights: tuple[float, ...] = ORDER_WEIGHTS
                      ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The trained head composed with its front end (and the private centring and whitening, if any): logits as
-    a differentiable function of the images."""
+    a differentiable function of the images. ``head_input``: the shape of one input of the head (flat rows, images
+    or feature maps), the preprocessed features reshaped to it."""
     scatter = differentiable_scatter(tuple(image_shape[-2:]))
 
     def logits(images: torch.Tensor) -> torch.Tensor:
         if front_end == "pixels":
-            features = images.flatten(1) if flatten else images
+            features = images.reshape(len(images), *head_input)
         else:
             features, _ = front_end_features(front_end, images, groups, scatter, normalisation, order_weights)
-        return head(features if preprocessing is None else preprocessing(features))
+        features = features if preprocessing is None else preprocessing(features)
+        return head(features.reshape(len(images), *head_input))
 
     return logits
 
 
 def released_logits(model: nn.Module, head: str, input_shape: tuple[int, ...], num_classes: int, front_end: str,
                     groups: int, image_shape: tuple[int, ...], preprocessing: PrivatePreprocessing | None,
-                    normalisation: str, order_weights: tuple[float, ...]
+                    normalisation: str, order_weights: tuple[float, ...], widths: Sequence[int] | None = None
                     ) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
-    """A copy of the trained ``model`` without the engine's training hooks (they rescale and clip gradients at the
-    output), and its logits as a differentiable function of the images (:func:`logits_of_pixels`)."""
-    released = build_model(head, input_shape, num_classes)
+    """A copy of the trained ``model`` (built by ``build_model(head, input_shape, num_classes, widths)``) without the
+    engine's training hooks (they rescale and clip gradients at the output), and its logits as a differentiable
+    function of the images (:func:`logits_of_pixels`)."""
+    released = build_model(head, input_shape, num_classes, widths)
     released.load_state_dict(model.state_dict())
-    return released, logits_of_pixels(released.eval(), front_end, groups, image_shape, flatten=head == "linear",
+    return released, logits_of_pixels(released.eval(), front_end, groups, image_shape, tuple(input_shape),
                                       preprocessing=preprocessing, normalisation=normalisation,
                                       order_weights=order_weights)
 
@@ -153,6 +159,7 @@ class PreparedData(NamedTuple):
     num_classes: int
     description: str
     blocks: list[ChannelBlock]  # where the scattering parts' (channels, positions) blocks sit in a row
+    image_shape: tuple[int, ...]  # of one image, as loaded
 
 
 def prepare_data(dataset: str, front_end: str, groups: int, validation: bool, seed: int,
@@ -166,16 +173,28 @@ def prepare_data(dataset: str, front_end: str, groups: int, validation: bool, se
     if validation:
         train, evaluation = train_validation_split(train, 0.1, seed=seed)
     return PreparedData(train, evaluation, tuple(train.tensors[0].shape[1:]), splits.num_classes,
-                        splits.description, blocks)
+                        splits.description, blocks, tuple(splits.train.tensors[0].shape[1:]))
 
 
-def build_model(head: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """``linear``: InputNormClip(1) -> one dense layer on the flat rows; ``cnn``: the orthogonal CNN of
-    ``CNN_PRESET`` on the images."""
+def feature_maps(block: ChannelBlock, image_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(channels, h, w) of a scattering part's block, for a convolutional head: its positions laid out as the
+    image's (h / w = H / W; the scattering transform subsamples both sides by 2^J)."""
+    height, width = image_shape[-2:]
+    h = round((block.positions * height / width) ** 0.5)
+    if h < 1 or block.positions % h:
+        raise ValueError(f"{block.positions} scattering positions do not tile a map with the {height}x{width} "
+                         "images' aspect ratio")
+    return block.channels, h, block.positions // h
+
+
+def build_model(head: str, input_shape: tuple[int, ...], num_classes: int,
+                widths: Sequence[int] | None = None) -> nn.Module:
+    """``linear``: InputNormClip(1) -> one dense layer on the flat rows; ``cnn``: the orthogonal CNN on the images
+    or feature maps, with ``widths`` (default ``CNN_PRESET``'s)."""
     if head == "linear":
         features = int(torch.tensor(input_shape).prod())
         return nn.Sequential(nn.Flatten(), InputNormClip(1.0), nn.Linear(features, num_classes))
-    return orthogonal_cnn(input_shape, num_classes, widths=CNN_PRESET["widths"])
+    return orthogonal_cnn(input_shape, num_classes, widths=tuple(widths or CNN_PRESET["widths"]))
 
 
 class PrivateFeatures(NamedTuple):
@@ -202,12 +221,13 @@ def private_features(dataset: str = "fashion-mnist", front_end: str = DEFAULT_FR
     centred and whitened with statistics of the training rows released through a fresh engine (seeded with
     ``seed``; a noise multiplier of 0/None skips a release). Its accountant holds the releases, to be paid from the
     same (epsilon, delta) by whatever trains on the rows. ``radius`` is used by the ``lipschitz`` normalisation."""
-    parse_front_end(front_end)  # a clear error for unknown parts
-    if head == "cnn" and front_end != "pixels":
-        raise ValueError(f"the cnn head convolves images: use front_end='pixels' (the {front_end} front end gives "
-                         "flat feature vectors, for the linear head)")
+    parts = parse_front_end(front_end)  # a clear error for unknown parts
+    if head == "cnn" and len(parts) > 1:
+        raise ValueError(f"the cnn head convolves images or feature maps: use front_end='pixels' or one scattering "
+                         f"part ('scattering', 'fine-scattering'); the {front_end} front end's rows are for the "
+                         "linear head")
     order_weights = tuple(order_weights)
-    train, evaluation, input_shape, num_classes, description, blocks = prepare_data(
+    train, evaluation, input_shape, num_classes, description, blocks, image_shape = prepare_data(
         dataset, front_end, groups, validation, seed, normalisation, order_weights)
     if head == "linear" and front_end == "pixels":
         train = TensorDataset(train.tensors[0].flatten(1), train.tensors[1])
@@ -217,8 +237,12 @@ def private_features(dataset: str = "fashion-mnist", front_end: str = DEFAULT_FR
     preprocessing, train_rows = release_preprocessing(
         engine, train.tensors[0], blocks, centring_noise, whitening_noise, whitening_floor,
         radius if normalisation == "lipschitz" else None)
+    evaluation_rows = preprocessing(evaluation.tensors[0])
+    if head == "cnn" and blocks:  # the rows of one scattering part, as (channels, h, w) maps
+        input_shape = feature_maps(blocks[0], image_shape)
+        train_rows, evaluation_rows = (rows.view(len(rows), *input_shape) for rows in (train_rows, evaluation_rows))
     return PrivateFeatures(TensorDataset(train_rows, train.tensors[1]),
-                           TensorDataset(preprocessing(evaluation.tensors[0]), evaluation.tensors[1]),
+                           TensorDataset(evaluation_rows, evaluation.tensors[1]),
                            preprocessing, input_shape, num_classes, description, blocks, engine)
 
 
@@ -232,12 +256,13 @@ def run(dataset: str = "fashion-mnist", epsilon: float = 3.0, delta: float = 1e-
     settings = {**HEAD_DEFAULTS[head], **{k: v for k, v in overrides.items() if v is not None}}
     settings["loss_grad_clip"] = settings["loss_grad_clip"] or None  # 0: no clip
     preprocessing_settings = {name: settings.pop(name) for name in PREPROCESSING_SETTINGS}
+    widths = settings.pop("widths")
     normalisation = preprocessing_settings["normalisation"]
     order_weights = tuple(preprocessing_settings["order_weights"])
     features = private_features(dataset, front_end, head, validation, seed,
                                 settings.get("accountant", TrainConfig.accountant), **preprocessing_settings)
     train, evaluation, preprocessing = features.train, features.evaluation, features.preprocessing
-    model = build_model(head, features.input_shape, features.num_classes)
+    model = build_model(head, features.input_shape, features.num_classes, widths)
     config = TrainConfig(epsilon=epsilon, delta=delta, seed=seed,
                          batch_size=min(settings.pop("batch_size"), len(train)), **settings)
     result, engine = train_private(model, train, evaluation, config, progress=progress, engine=features.engine)
@@ -250,10 +275,11 @@ def run(dataset: str = "fashion-mnist", epsilon: float = 3.0, delta: float = 1e-
         images, labels = load_dataset(dataset, seed=seed).test.tensors
         _, logits = released_logits(model, head, features.input_shape, features.num_classes, front_end,
                                     preprocessing_settings["groups"], tuple(images.shape[1:]), preprocessing,
-                                    normalisation, order_weights)
+                                    normalisation, order_weights, widths)
         save_saliency_maps(logits, images[:SALIENCY_IMAGES], labels[:SALIENCY_IMAGES], saliency)
     return {
         "dataset": dataset, "description": features.description, "front_end": front_end, "head": head,
+        "widths": None if widths is None else list(widths),
         "evaluated_on": "validation" if validation else "test", "config": asdict(config),
         "centring_noise": preprocessing_settings["centring_noise"] or None,
         "whitening_noise": (preprocessing_settings["whitening_noise"] or None) if features.blocks else None,
@@ -298,6 +324,8 @@ def build_parser() -> ArgumentParser:
                         help=f"fixed per-sample feature extractor (free in privacy), default {DEFAULT_FRONT_END} "
                              "for the linear head, pixels for the cnn head")
     parser.add_argument("--head", choices=("linear", "cnn"), default="linear", help="trainable Lipschitz model")
+    parser.add_argument("--widths", type=int, nargs="+", default=None,
+                        help=f"cnn head: channels of each stage, default {' '.join(map(str, CNN_PRESET['widths']))}")
     parser.add_argument("--epochs", type=int, default=None, help=_default_text("epochs"))
     parser.add_argument("--batch-size", type=int, default=None,
                         help=f"expected Poisson batch, {_default_text('batch_size')}")
@@ -349,7 +377,7 @@ def run_from_arguments(args: argparse.Namespace) -> int:
                                                "centring_noise", "whitening_noise", "whitening_floor",
                                                "noise_strategy", "loss_grad_clip",
                                                "weight_averaging", "optimizer", "normalisation", "radius",
-                                               "order_weights")}
+                                               "order_weights", "widths")}
     results = []
     for epsilon in args.epsilons:
         saliency = args.saliency and args.saliency.with_name(f"{args.saliency.stem}-eps{epsilon:g}.png")

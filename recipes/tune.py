@@ -44,7 +44,7 @@ def run(dataset: str, epsilon: float, delta: float, space: SearchSpace, distribu
     """Release the preprocessing statistics, tune the linear head, and report the released head on the test split
     (``held_out``: on the last 10% of the training split, which the statistics and the search never see)."""
     groups = DEFAULTS["groups"]
-    train, test, input_shape, num_classes, description, blocks = prepare_data(dataset, front_end, groups, held_out,
+    train, test, input_shape, num_classes, description, blocks, _ = prepare_data(dataset, front_end, groups, held_out,
                                                                               seed)
     if front_end == "pixels":
         train, test = (TensorDataset(d.tensors[0].flatten(1), d.tensors[1]) for d in (train, test))

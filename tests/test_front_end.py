@@ -128,9 +128,9 @@ def test_pixel_logits_match_the_preprocessed_cached_features():
     cached, blocks = classify._features(TensorDataset(images, torch.zeros(6)), FRONT_END, 27)
     assert blocks
     preprocessing, _ = release_preprocessing(LipDPEngine(seed=1), cached.tensors[0].clone(), blocks, 10.0, 10.0, 0.1)
-    plain = classify.logits_of_pixels(head, FRONT_END, 27, (1, 8, 8), flatten=True)
+    plain = classify.logits_of_pixels(head, FRONT_END, 27, (1, 8, 8), (DIGITS_FEATURES,))
     assert torch.allclose(plain(images), head(cached.tensors[0]), atol=1e-5)
-    preprocessed = classify.logits_of_pixels(head, FRONT_END, 27, (1, 8, 8), flatten=True,
+    preprocessed = classify.logits_of_pixels(head, FRONT_END, 27, (1, 8, 8), (DIGITS_FEATURES,),
                                              preprocessing=preprocessing)
     assert torch.allclose(preprocessed(images), head(preprocessing(cached.tensors[0].clone())), atol=1e-5)
 

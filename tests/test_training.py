@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from lipdp.cli import main as lipdp_main
+from lipdp.datasets import load_dataset
 from lipdp.training import make_optimizer
 from recipes import classify
+from recipes.front_end import front_end_features
 
 
 @pytest.mark.parametrize("name, kind", [("adam", torch.optim.Adam), ("sgd", torch.optim.SGD)])
@@ -87,9 +89,31 @@ def test_classify_cnn_head_takes_the_end_to_end_defaults_not_the_linear_heads():
     assert unclipped["config"]["loss_grad_clip"] is None
 
 
-def test_classify_refuses_a_cnn_head_on_flat_features():
-    with pytest.raises(ValueError, match="front_end='pixels'"):
-        classify.run("digits", front_end="scattering", head="cnn", epochs=1, progress=False)
+def test_classify_refuses_a_cnn_head_on_several_front_end_parts():
+    with pytest.raises(ValueError, match="front_end='pixels' or one scattering part"):
+        classify.run("digits", front_end="scattering+pixels", head="cnn", epochs=1, progress=False)
+
+
+def test_classify_cnn_head_convolves_the_preprocessed_scattering_rows_as_feature_maps():
+    """The maps are the linear head's preprocessed rows (same releases), viewed as (81, h, w); the differentiable
+    path from the images gives the same logits; the run certifies in pixel space with the lipschitz normalisation."""
+    maps = classify.private_features("digits", "scattering", "cnn", validation=True, whitening_noise=0)
+    rows = classify.private_features("digits", "scattering", "linear", validation=True, whitening_noise=0)
+    assert maps.input_shape == (81, 2, 2) and maps.train.tensors[0].shape[1:] == (81, 2, 2)
+    assert torch.equal(maps.train.tensors[0].flatten(1), rows.train.tensors[0])
+    assert torch.equal(maps.evaluation.tensors[0].flatten(1), rows.evaluation.tensors[0])
+    head = classify.build_model("cnn", maps.input_shape, 10, widths=(8,))
+    images = load_dataset("digits").test.tensors[0][:5]
+    logits = classify.logits_of_pixels(head, "scattering", classify.DEFAULTS["groups"], (1, 8, 8), maps.input_shape,
+                                       maps.preprocessing)
+    features, _ = front_end_features("scattering", images, classify.DEFAULTS["groups"])
+    assert torch.allclose(logits(images), head(maps.preprocessing(features).view(5, 81, 2, 2)), atol=1e-5)
+    result = classify.run("digits", front_end="scattering", head="cnn", widths=(8,), epochs=2, batch_size=256,
+                          validation=True, progress=False, normalisation="lipschitz", radius=2.0)
+    assert result["widths"] == [8] and result["certified_space"] == "pixels"
+    assert result["epsilon"] <= 3.0 and result["accuracy"] > 0.1
+    certified = [result["certified_accuracy"][str(r)] for r in classify.RADII]
+    assert certified == sorted(certified, reverse=True) and certified[0] == result["accuracy"]
 
 
 @pytest.mark.slow
