@@ -38,6 +38,11 @@ DEFAULT_SPACE = SearchSpace(learning_rate=(0.05, 0.1, 0.2), temperature=(1.0,), 
                             epochs=(20, 40), batch_size=(4096,))
 
 
+#: Chosen with ``--held-out`` (seeds 0-2, README): E[K] = 2 leaves each trial a larger share of the budget than 4
+#: (single-trial epsilon 2.26 against 2.00) and its released heads scored higher on the held-out data.
+MEAN_TRIALS = 2.0
+
+
 def run(dataset: str, epsilon: float, delta: float, space: SearchSpace, distribution: str, mean_trials: float,
         shape: float, front_end: str = DEFAULT_FRONT_END, validation_fraction: float = 0.1, seed: int = 0,
         progress: bool = True, held_out: bool = False) -> dict:
@@ -77,7 +82,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--epsilon", type=float, default=3.0, help="total epsilon: statistics, search and release")
     parser.add_argument("--delta", type=float, default=1e-5, help="target delta")
     parser.add_argument("--front-end", choices=FRONT_ENDS, default=DEFAULT_FRONT_END, help="as recipes.classify")
-    parser.add_argument("--mean-trials", type=float, default=4.0, help="expected number of trials E[K]")
+    parser.add_argument("--mean-trials", type=float, default=MEAN_TRIALS,
+                        help=f"expected number of trials E[K], default {MEAN_TRIALS:g}")
     parser.add_argument("--distribution", choices=("negative_binomial", "poisson"), default="negative_binomial",
                         help="law of the number of trials K")
     parser.add_argument("--shape", type=float, default=0.0, metavar="ETA",
