@@ -44,26 +44,27 @@ DATASET_SETTINGS = {
 @dataclass(frozen=True)
 class Row:
     """A row of the table: a ``recipes.compare`` side, its lipdp recipe, and whether it runs at the length of
-    ``lipdp train``'s CNN preset (then only where that preset is the CNN's) instead of the data set's epochs."""
+    ``lipdp train``'s preset (then only where that preset is a convolutional network) instead of the data set's
+    epochs."""
 
     side: str
     lipdp_recipe: str = "classify"
-    cnn_preset_length: bool = False
+    preset_length: bool = False
 
 
-#: ``lipdp-cnn`` is the end-to-end Lipschitz network, ``lipdp train``'s orthogonal CNN on the pixels at its own
-#: preset (not on digits, where ``lipdp train`` uses an MLP).
-ROWS = {"lipdp": Row("lipdp"), "lipdp-cnn": Row("lipdp", "cnn", cnn_preset_length=True), "opacus": Row("opacus")}
+#: ``lipdp-cnn`` is the end-to-end Lipschitz network, ``lipdp train``'s convolutional network on the pixels at its own
+#: preset (the patch CNN on Fashion-MNIST; not on digits, where ``lipdp train`` uses an MLP).
+ROWS = {"lipdp": Row("lipdp"), "lipdp-cnn": Row("lipdp", "cnn", preset_length=True), "opacus": Row("opacus")}
 
 
 def row_settings(row: str, dataset: str) -> CompareSettings | None:
     """The comparison's settings of ``row`` on ``dataset`` (None: the row is not run on it)."""
     spec = ROWS[row]
     settings = replace(DATASET_SETTINGS[dataset], lipdp_recipe=spec.lipdp_recipe)
-    if not spec.cnn_preset_length:
+    if not spec.preset_length:
         return settings
     preset = train_preset(dataset)
-    return replace(settings, epochs=preset["epochs"]) if preset["model"] == "cnn" else None
+    return replace(settings, epochs=preset["epochs"]) if preset["model"] in ("cnn", "patch") else None
 
 
 def run_table(datasets: list[str], epsilons: list[float], delta: float, progress: bool,
@@ -101,7 +102,7 @@ def markdown(records: list[dict], delta: float, load_at_start: list[float]) -> s
                 f"{100 * mine[e]['test_accuracy']:.2f} (ε={mine[e]['epsilon']:.2f})" if e in mine else "—"
                 for e in epsilons])
     header = ["data set", "library", "model"] + [f"ε = {e:g}" for e in epsilons]
-    epochs = {r["dataset"]: r["settings"]["epochs"] for r in records if not ROWS[r["side"]].cnn_preset_length}
+    epochs = {r["dataset"]: r["settings"]["epochs"] for r in records if not ROWS[r["side"]].preset_length}
     settings = "; ".join(
         f"{name}: {epochs[name]} epochs, lipdp recipe `{s.lipdp_recipe}` (batch {s.lipdp_batch_size or 'its default'}), "
         f"Opacus {s.opacus_mode} (batch {s.opacus_batch_size}, lr {s.opacus_learning_rate:g}, "
@@ -114,7 +115,8 @@ def markdown(records: list[dict], delta: float, load_at_start: list[float]) -> s
         "accountant (PRV) reports for the steps taken. Settings, the same at every ε: "
         f"{settings}. lipdp's recipe defaults were chosen on Fashion-MNIST's validation split, Opacus's are "
         "Tramèr & Boneh's; the digits batch sizes and epochs were set once, not tuned. The `lipdp-cnn` row is "
-        "the end-to-end Lipschitz network on the pixels, `lipdp train`'s orthogonal CNN with its own preset "
+        "the end-to-end Lipschitz network on the pixels, `lipdp train`'s network (the patch CNN on Fashion-MNIST) "
+        "with its own preset "
         "(`lipdp.presets`, chosen on validation; its epochs and batch included).",
         table(header, rows),
         "A cell with — was not run (see the note of the run that produced this table).",

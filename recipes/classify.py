@@ -10,8 +10,9 @@ all three. The features are then centred on the training features' mean and thei
 the channels' second moments, both released once by the Gaussian mechanism (``LipDPEngine.private_mean`` and
 ``private_channel_moments``, noise multipliers ``--centring-noise`` and ``--whitening-noise``; accounted in the
 same (epsilon, delta)), each followed by a rescaling to norm 1. Heads: ``linear`` (one dense layer: its per-sample
-gradient bound is L * X0 whatever its weights) or ``cnn`` (orthogonal CNN from lipdp.models, widths ``--widths``)
-on ``pixels`` or on the feature maps of one scattering part (``scattering``: 81 channels at (H/4) x (W/4); the
+gradient bound is L * X0 whatever its weights) or ``cnn`` / ``patch`` (orthogonal CNN / patch CNN from lipdp.models,
+widths ``--widths``; the patch CNN is ``lipdp train``'s Fashion-MNIST network) on ``pixels`` or on the feature maps
+of one scattering part (``scattering``: 81 channels at (H/4) x (W/4); the
 preprocessed rows viewed as (channels, h, w), an isometry, so certificates and constants are unchanged).
 Hyper-parameters are chosen with ``--validation`` (last 10% of the training split as held-out data); the test
 split is only used for the final report. Reports test accuracy and certified accuracy at L2 radii. With
@@ -41,8 +42,8 @@ from lipdp.cli.output import write_json
 from lipdp.datasets import load_dataset, train_validation_split
 from lipdp.engine import LipDPEngine
 from lipdp.layers import InputNormClip
-from lipdp.models import orthogonal_cnn
-from lipdp.presets import TRAIN_PRESETS, training_settings
+from lipdp.models import orthogonal_network
+from lipdp.presets import train_preset, training_settings
 from lipdp.statistics import ChannelBlock
 from lipdp.training import OPTIMIZERS, TrainConfig, train_private
 from recipes.front_end import (NORMALISATIONS, PrivatePreprocessing, differentiable_scatter, front_end_features,
@@ -64,14 +65,16 @@ DEFAULTS = dict(epochs=40, batch_size=4096, learning_rate=0.1, temperature=1.0, 
 PREPROCESSING_SETTINGS = ("groups", "centring_noise", "whitening_noise", "whitening_floor", "normalisation", "radius",
                           "order_weights")
 DEFAULT_FRONT_END = "scattering+fine-scattering+pixels"
-#: The end-to-end head (pixels -> lipdp's orthogonal CNN) trains with ``lipdp train``'s Fashion-MNIST preset
-#: (``lipdp.presets``: its length, learning rate, temperature and logit-gradient clip, chosen on validation for that
-#: network, README) and its noise strategy (TrainConfig's); the linear head's settings do not fit a deep network.
-CNN_PRESET = TRAIN_PRESETS["fashion-mnist"]
+#: The end-to-end heads (pixels -> lipdp's orthogonal CNN or patch CNN) train with ``lipdp train``'s Fashion-MNIST
+#: presets for that network (``lipdp.presets``: length, learning rate, temperature and logit-gradient clip, chosen on
+#: validation, README) and TrainConfig's noise strategy; the linear head's settings do not fit a deep network. The
+#: patch CNN is ``lipdp train --dataset fashion-mnist``'s network.
+NETWORK_PRESETS = {head: train_preset("fashion-mnist", head) for head in ("cnn", "patch")}
 HEAD_DEFAULTS = {"linear": {**DEFAULTS, "widths": None},
-                 "cnn": {**DEFAULTS, "noise_strategy": TrainConfig.noise_strategy, "widths": CNN_PRESET["widths"],
-                         **training_settings(CNN_PRESET)}}
-HEAD_FRONT_ENDS = {"linear": DEFAULT_FRONT_END, "cnn": "pixels"}
+                 **{head: {**DEFAULTS, "noise_strategy": TrainConfig.noise_strategy, "widths": preset["widths"],
+                           **training_settings(preset)} for head, preset in NETWORK_PRESETS.items()}}
+HEADS = tuple(HEAD_DEFAULTS)
+HEAD_FRONT_ENDS = {"linear": DEFAULT_FRONT_END, "cnn": "pixels", "patch": "pixels"}
 RADII = (0.0, 0.05, 0.1, 0.25, 0.5)
 SALIENCY_IMAGES = 8
 
@@ -189,12 +192,12 @@ def feature_maps(block: ChannelBlock, image_shape: tuple[int, ...]) -> tuple[int
 
 def build_model(head: str, input_shape: tuple[int, ...], num_classes: int,
                 widths: Sequence[int] | None = None) -> nn.Module:
-    """``linear``: InputNormClip(1) -> one dense layer on the flat rows; ``cnn``: the orthogonal CNN on the images
-    or feature maps, with ``widths`` (default ``CNN_PRESET``'s)."""
+    """``linear``: InputNormClip(1) -> one dense layer on the flat rows; ``cnn`` / ``patch``: the orthogonal CNN /
+    patch CNN (``lipdp.models``) on the images or feature maps, with ``widths`` (default ``NETWORK_PRESETS``')."""
     if head == "linear":
         features = int(torch.tensor(input_shape).prod())
         return nn.Sequential(nn.Flatten(), InputNormClip(1.0), nn.Linear(features, num_classes))
-    return orthogonal_cnn(input_shape, num_classes, widths=tuple(widths or CNN_PRESET["widths"]))
+    return orthogonal_network(head, input_shape, num_classes, tuple(widths or NETWORK_PRESETS[head]["widths"]))
 
 
 class PrivateFeatures(NamedTuple):
@@ -222,8 +225,8 @@ def private_features(dataset: str = "fashion-mnist", front_end: str = DEFAULT_FR
     ``seed``; a noise multiplier of 0/None skips a release). Its accountant holds the releases, to be paid from the
     same (epsilon, delta) by whatever trains on the rows. ``radius`` is used by the ``lipschitz`` normalisation."""
     parts = parse_front_end(front_end)  # a clear error for unknown parts
-    if head == "cnn" and len(parts) > 1:
-        raise ValueError(f"the cnn head convolves images or feature maps: use front_end='pixels' or one scattering "
+    if head != "linear" and len(parts) > 1:
+        raise ValueError(f"the {head} head convolves images or feature maps: use front_end='pixels' or one scattering "
                          f"part ('scattering', 'fine-scattering'); the {front_end} front end's rows are for the "
                          "linear head")
     order_weights = tuple(order_weights)
@@ -238,7 +241,7 @@ def private_features(dataset: str = "fashion-mnist", front_end: str = DEFAULT_FR
         engine, train.tensors[0], blocks, centring_noise, whitening_noise, whitening_floor,
         radius if normalisation == "lipschitz" else None)
     evaluation_rows = preprocessing(evaluation.tensors[0])
-    if head == "cnn" and blocks:  # the rows of one scattering part, as (channels, h, w) maps
+    if head != "linear" and blocks:  # the rows of one scattering part, as (channels, h, w) maps
         input_shape = feature_maps(blocks[0], image_shape)
         train_rows, evaluation_rows = (rows.view(len(rows), *input_shape) for rows in (train_rows, evaluation_rows))
     return PrivateFeatures(TensorDataset(train_rows, train.tensors[1]),
@@ -308,9 +311,11 @@ PROG = "python -m recipes.classify"
 
 
 def _default_text(name: str) -> str:
-    """A flag's default as its help says it: one value, or the linear and cnn heads' where they differ."""
-    linear, cnn = HEAD_DEFAULTS["linear"][name], HEAD_DEFAULTS["cnn"][name]
-    return f"default {linear}" if linear == cnn else f"default {linear} (linear head), {cnn} (cnn head)"
+    """A flag's default as its help says it: one value, or each head's where they differ."""
+    values = {head: defaults[name] for head, defaults in HEAD_DEFAULTS.items()}
+    if len(set(map(str, values.values()))) == 1:
+        return f"default {values['linear']}"
+    return "default " + ", ".join(f"{value} ({head} head)" for head, value in values.items())
 
 
 def build_parser() -> ArgumentParser:
@@ -322,10 +327,12 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--delta", type=float, default=1e-5, help="target delta")
     parser.add_argument("--front-end", choices=FRONT_ENDS, default=None,
                         help=f"fixed per-sample feature extractor (free in privacy), default {DEFAULT_FRONT_END} "
-                             "for the linear head, pixels for the cnn head")
-    parser.add_argument("--head", choices=("linear", "cnn"), default="linear", help="trainable Lipschitz model")
+                             "for the linear head, pixels for the cnn and patch heads")
+    parser.add_argument("--head", choices=HEADS, default="linear",
+                        help="trainable Lipschitz model: linear, or the orthogonal cnn or patch CNN (lipdp.models)")
     parser.add_argument("--widths", type=int, nargs="+", default=None,
-                        help=f"cnn head: channels of each stage, default {' '.join(map(str, CNN_PRESET['widths']))}")
+                        help="cnn and patch heads: channels of each stage, default " + ", ".join(
+                            f"{' '.join(map(str, p['widths']))} ({head})" for head, p in NETWORK_PRESETS.items()))
     parser.add_argument("--epochs", type=int, default=None, help=_default_text("epochs"))
     parser.add_argument("--batch-size", type=int, default=None,
                         help=f"expected Poisson batch, {_default_text('batch_size')}")

@@ -125,22 +125,25 @@ def lipdp_classify(settings: CompareSettings) -> dict:
 
 
 def lipdp_cnn(settings: CompareSettings) -> dict:
-    """lipdp's default orthogonal CNN through ``lipdp.training.train_private`` (``lipdp train``'s settings)."""
-    from lipdp.models import orthogonal_cnn
-    from lipdp.presets import train_preset, training_settings
+    """lipdp's end-to-end image network through ``lipdp.training.train_private``: ``lipdp train``'s network and
+    settings where they are convolutional (the patch CNN on Fashion-MNIST), else the CNN's
+    (``lipdp.presets.image_network_preset``; digits trains an MLP)."""
+    from lipdp.models import orthogonal_network
+    from lipdp.presets import image_network_preset, training_settings
     from lipdp.training import TrainConfig, train_private
 
     splits, train, evaluation = _splits(settings)
-    defaults = train_preset(splits.name, "cnn")  # where `lipdp train` uses an MLP: the generic CNN settings
+    defaults = image_network_preset(splits.name)
     config = TrainConfig(**{
         **training_settings(defaults), "epsilon": settings.epsilon, "delta": settings.delta,
         "epochs": settings.epochs, "seed": settings.seed,
         "batch_size": min(settings.lipdp_batch_size or defaults["batch_size"], len(train)),
         "learning_rate": settings.lipdp_learning_rate or defaults["learning_rate"]})
-    model = orthogonal_cnn(splits.input_shape, splits.num_classes, widths=defaults["widths"])
+    model = orthogonal_network(defaults["model"], splits.input_shape, splits.num_classes, defaults["widths"])
     parameters = sum(p.numel() for p in model.parameters())
     result, _ = train_private(model, train, evaluation, config, progress=settings.progress)
-    return _summary(f"orthogonal CNN {defaults['widths']}, {parameters} parameters (lipdp.models)", result,
+    name = {"cnn": "orthogonal CNN", "patch": "orthogonal patch CNN"}[defaults["model"]]
+    return _summary(f"{name} {tuple(defaults['widths'])}, {parameters} parameters (lipdp.models)", result,
                     config.batch_size)
 
 

@@ -78,14 +78,19 @@ def test_lipdp_train_logit_clip_flag_zero_turns_the_clip_off(tmp_path, flag, exp
     assert json.loads(out.read_text())["config"]["loss_grad_clip"] == expected
 
 
-def test_classify_cnn_head_takes_the_end_to_end_defaults_not_the_linear_heads():
-    result = classify.run("digits", head="cnn", epochs=1, batch_size=256, progress=False)
-    config, preset = result["config"], classify.CNN_PRESET
-    assert result["front_end"] == "pixels" and result["head"] == "cnn"
+@pytest.mark.parametrize("head", ["cnn", "patch"])
+def test_classify_network_heads_take_the_end_to_end_defaults_not_the_linear_heads(head):
+    from lipdp.presets import TRAIN_PRESETS, train_preset
+
+    assert classify.NETWORK_PRESETS["patch"] == TRAIN_PRESETS["fashion-mnist"]  # lipdp train's network
+    result = classify.run("digits", head=head, epochs=1, batch_size=256, progress=False)
+    config, preset = result["config"], classify.NETWORK_PRESETS[head]
+    assert preset == train_preset("fashion-mnist", head) and result["widths"] == list(preset["widths"])
+    assert result["front_end"] == "pixels" and result["head"] == head
     assert (config["temperature"], config["learning_rate"]) == (preset["temperature"], preset["learning_rate"])
     assert config["loss_grad_clip"] == preset["loss_grad_clip"] and config["noise_strategy"] == "global"
     assert classify.HEAD_DEFAULTS["linear"]["temperature"] != preset["temperature"]  # the two heads differ
-    unclipped = classify.run("digits", head="cnn", epochs=1, batch_size=256, progress=False, loss_grad_clip=0)
+    unclipped = classify.run("digits", head=head, epochs=1, batch_size=256, progress=False, loss_grad_clip=0)
     assert unclipped["config"]["loss_grad_clip"] is None
 
 

@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=MODELS, default=None,
                         help="orthogonal CNN (images), patch CNN (images; kernel = stride convolutions, no overlap "
                              "factor in the bounds) or orthogonal MLP on the flattened input; default: the data set's "
-                             "(digits: mlp, other images: cnn, tabular: mlp)")
+                             "(fashion-mnist: patch, digits: mlp, other images: cnn, tabular: mlp)")
     parser.add_argument("--widths", type=int, nargs="+", default=None,
                         help="channels of each orthogonal conv stage (cnn, patch) or hidden widths (mlp)")
     parser.add_argument("--noise-strategy", choices=NOISE_STRATEGIES, default="global",
