@@ -158,9 +158,6 @@ def build_step(config: Configuration) -> Callable[[], None]:
             model, optimizer, _ = engine.make_private(
                 module=model, optimizer=optimizer, data_loader=loader, criterion=criterion, noise_multiplier=1.0,
                 input_norm_bound=1.0)
-            if device.type != "cpu":  # the mechanism draws on the gradients' device (DESIGN.md §3 "Device")
-                from lipdp.noise import GaussianNoise
-                engine.mechanism.noise = GaussianNoise(torch.Generator(device=device).manual_seed(config.seed + 1))
     else:
         model = groupnorm_cnn(shape, config.num_classes).to(device)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)

@@ -13,6 +13,7 @@ from torch import nn
 
 import lipdp
 from lipdp.bounds import CertifiedNormCache, ConvGeometry, conv2d_operator_norm, dense_operator_norm
+from lipdp.bounds.spectral import WARM_MARGIN, dense_certified_norm
 from tests.soundness_utils import record_tightness, single_thread_torch
 
 N_GEOMETRIES = 48
@@ -255,4 +256,69 @@ def test_cache_refreshes_after_a_large_move() -> None:
         layer.weight.mul_(3.0)
     value = lipdp.analyze(model, 1.0, 1.0, (4,), norm_cache=cache).lipschitz
     assert cache.exact_computations == 2
-    assert value == pytest.approx(dense_operator_norm(layer.weight), rel=1e-12)
+    exact = dense_operator_norm(layer.weight)  # the refresh may be the warm certificate: within its margin
+    assert exact <= value <= exact * math.sqrt(1 + WARM_MARGIN) * (1 + 1e-12)
+
+
+def _matrix_with_spectrum(rows: int, singular: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float64 (rows, n) matrix with the given singular values, and its right singular vectors (columns)."""
+    generator = torch.Generator().manual_seed(seed)
+    n = singular.numel()
+    left = torch.linalg.qr(torch.randn(rows, n, generator=generator, dtype=torch.float64))[0]
+    right = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))[0]
+    return left @ torch.diag(singular) @ right.T, right
+
+
+@pytest.mark.parametrize("relative_gap, certified", [(1e-8, False), (-1e-6, True)])
+def test_the_warm_certificate_refuses_a_claim_below_the_largest_eigenvalue(relative_gap, certified) -> None:
+    """Started on the SECOND singular vector, the power step finds theta = s_2^2 and claims s_2^2 (1 + margin).
+    With s_1^2 just above that claim (1e-8 relative) the Cholesky certificate must fail (the eigensolver answers);
+    just below it (1e-6) it must succeed. Both answers are >= the real s_1."""
+    n = 48
+    singular = torch.linspace(1.0, 0.2, n, dtype=torch.float64)
+    singular[0] = singular[1] * math.sqrt((1 + WARM_MARGIN) * (1 + relative_gap))
+    weight, right = _matrix_with_spectrum(96, singular, seed=n)
+    result = dense_certified_norm(weight, right[:, 1])
+    real = torch.linalg.svdvals(weight).max().item()
+    assert result.warm is certified
+    assert result.value >= real
+    assert result.value <= real * math.sqrt(1 + WARM_MARGIN) * (1 + 2e-6)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_warm_started_dense_norms_are_certified_and_tight(seed: int) -> None:
+    """Random shapes (tall, wide), float32 and float64, starts near the top vector, random, orthogonal to it, zero,
+    NaN or of the wrong size (a tampered checkpoint): never below the SVD's sigma_max, at most the margin above it."""
+    rng = random.Random(seed)
+    generator = torch.Generator().manual_seed(seed)
+    shape = (rng.randint(1, 80), rng.randint(1, 80))
+    dtype = (torch.float32, torch.float64)[seed % 2]
+    weight = torch.randn(*shape, generator=generator).to(dtype)
+    real = torch.linalg.svdvals(weight.double()).max().item()
+    top = dense_certified_norm(weight).vector
+    n = top.numel()
+    orthogonal = torch.randn(n, generator=generator, dtype=torch.float64)
+    orthogonal -= (orthogonal @ top) * top
+    starts = [top, top + 0.1 * torch.randn(n, generator=generator, dtype=torch.float64), orthogonal,
+              torch.randn(n, generator=generator, dtype=torch.float64), torch.zeros(n, dtype=torch.float64),
+              torch.full((n,), float("nan"), dtype=torch.float64), torch.ones(n + 1, dtype=torch.float64)]
+    for start in starts:
+        value = dense_certified_norm(weight, start).value
+        assert real <= value <= real * math.sqrt(1 + WARM_MARGIN) * (1 + 2e-6), (shape, dtype, start[:3])
+
+
+def test_refreshing_every_step_uses_the_warm_certificate_and_stays_certified() -> None:
+    """Refresh at every step (tolerance 0) while Adam moves a dense layer: each refresh starts from the previous
+    vector, the certificate answers almost every time, and every bound is >= the real norm."""
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 128)
+    model = nn.Sequential(layer)
+    cache = CertifiedNormCache(refresh_tolerance=0.0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(60):
+        optimizer.zero_grad()
+        model(torch.randn(16, 64)).square().sum().backward()
+        optimizer.step()
+        claimed = lipdp.analyze(model, 1.0, 1.0, (64,), norm_cache=cache).lipschitz
+        assert claimed >= torch.linalg.svdvals(layer.weight.detach().double()).max().item()
+    assert cache.exact_computations == 60 and cache.warm_computations >= 48

@@ -16,7 +16,7 @@ import math
 from torch import nn
 
 from lipdp.bounds.registry import BoundRule, UnsupportedModuleError, register_bound_rule
-from lipdp.bounds.spectral import ConvGeometry, conv2d_operator_norm
+from lipdp.bounds.spectral import CertifiedNorm, ConvGeometry, conv2d_operator_norm
 
 
 @register_bound_rule(nn.Conv2d)
@@ -41,7 +41,7 @@ class Conv2dRule(BoundRule):
         c = sqrt(m) between exact computations."""
         geometry = self._geometry(module, ctx)
         count = geometry.patch_count(tuple(module.kernel_size))
-        return ctx.operator_norm(module, geometry, lambda weight: conv2d_operator_norm(weight, geometry),
+        return ctx.operator_norm(module, geometry, lambda weight, start: CertifiedNorm(conv2d_operator_norm(weight, geometry)),
                                  frobenius_factor=math.sqrt(count))
 
     def output_bound(self, module: nn.Conv2d, x_bound: float, ctx) -> float:

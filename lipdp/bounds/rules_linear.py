@@ -2,7 +2,8 @@
 
 h(a) = W a + b, applied by torch to the last axis of the input: one sample of shape (*S, n_in) is P = prod(S)
 vectors a_p (P = 1 for a flat input), each mapped to W a_p + b.
-Lip = ||W||_2 (block diagonal over the P positions): exact SVD every K steps, Weyl drift in between
+Lip = ||W||_2 (block diagonal over the P positions): certified every K steps (``dense_certified_norm``), Weyl
+drift in between
 (``spectral.CertifiedNormCache``: ||W||_2 <= ||W0||_2 + ||W - W0||_F).
 Output: ||h(a)|| <= ||W||_2 X + sqrt(P) ||b|| (the bias is added at P positions).
 One sample's gradients, with g_p the gradient at output position p and ||g||^2 = sum_p ||g_p||^2 <= G^2:
@@ -19,7 +20,7 @@ import math
 from torch import nn
 
 from lipdp.bounds.registry import BoundRule, register_bound_rule
-from lipdp.bounds.spectral import dense_operator_norm
+from lipdp.bounds.spectral import dense_certified_norm
 
 
 def _bias_positions(module: nn.Linear, ctx) -> int:
@@ -32,8 +33,9 @@ class LinearRule(BoundRule):
     """``nn.Linear`` (and subclasses keeping its forward): Lip = ||W||_2; weight G X, bias sqrt(P) G."""
 
     def lipschitz(self, module: nn.Linear, ctx) -> float:
-        """Lip = ||W||_2: exact SVD in float64, Weyl drift (c = 1) in between."""
-        return ctx.operator_norm(module, "dense", dense_operator_norm, frobenius_factor=1.0)
+        """Lip = ||W||_2: certified in float64 (``dense_certified_norm``, warm-started from the previous
+        computation's singular vector), Weyl drift (c = 1) in between."""
+        return ctx.operator_norm(module, "dense", dense_certified_norm, frobenius_factor=1.0)
 
     def output_bound(self, module: nn.Linear, x_bound: float, ctx) -> float:
         """||W||_2 X + sqrt(P) ||b|| (the bias term only with a bias; added at P positions)."""
