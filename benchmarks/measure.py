@@ -11,6 +11,8 @@ Methods:
 - ``plain-orthogonal``: lipdp's orthogonal CNN (``lipdp.models.orthogonal_cnn``), Adam, the Lipschitz
   cross-entropy; no privacy. orthogonium's layers back-propagate through their orthogonalisation.
 - ``lipdp``: the same model, optimizer and loss made private by ``LipDPEngine`` (global noise).
+- ``noise-floor``: ``plain-orthogonal`` plus one Gaussian draw of all the gradients' size added to them before the
+  optimizer step: the least work any Gaussian mechanism does (no bounds, no accounting, no checks).
 - ``plain-cnn``: the Opacus baseline's GroupNorm CNN (``recipes.opacus_baseline.groupnorm_cnn``), SGD with
   momentum, cross-entropy; no privacy.
 - ``opacus-ghost`` / ``opacus-hooks`` / ``opacus-functorch``: that CNN under Opacus DP-SGD in each per-sample
@@ -44,12 +46,13 @@ logger = logging.getLogger(__name__)
 METHODS = {
     "plain-orthogonal": "orthogonal CNN, Adam, no privacy",
     "lipdp": "orthogonal CNN, Adam, LipDPEngine",
+    "noise-floor": "orthogonal CNN, Adam, no privacy, one Gaussian draw added to the gradients",
     "plain-cnn": "GroupNorm CNN, SGD, no privacy",
     "opacus-ghost": "GroupNorm CNN, SGD, Opacus ghost clipping",
     "opacus-hooks": "GroupNorm CNN, SGD, Opacus hooks",
     "opacus-functorch": "GroupNorm CNN, SGD, Opacus functorch",
 }
-#: Models of the plain-orthogonal / lipdp methods: the orthogonal CNN, or a dense MLP (InputNormClip ->
+#: Models of the plain-orthogonal / noise-floor / lipdp methods: the orthogonal CNN, or a dense MLP (InputNormClip ->
 #: Linear(d, 128) -> MaxMin -> Linear(128, classes), plain torch layers, d = prod(input_shape)).
 MODELS = ("orthogonal-cnn", "mlp")
 #: Records in the (virtual) training set: the sample rate is batch_size / this (Fashion-MNIST's size).
@@ -68,7 +71,7 @@ class Configuration:
     num_classes: int = 10
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
     seed: int = 0
-    model: str = "orthogonal-cnn"  # for plain-orthogonal / lipdp: one of MODELS
+    model: str = "orthogonal-cnn"  # for plain-orthogonal / noise-floor / lipdp: one of MODELS
     compile: bool = False  # torch.compile the model (both sides alike)
     device: str = "cpu"
 
@@ -142,7 +145,7 @@ def build_step(config: Configuration) -> Callable[[], None]:
                             torch.zeros(1, dtype=torch.long).expand(max(DATASET_SIZE, batch)))
     loader = DataLoader(virtual, batch_size=batch)
 
-    if config.method in ("plain-orthogonal", "lipdp"):
+    if config.method in ("plain-orthogonal", "noise-floor", "lipdp"):
         if config.model == "mlp":
             model = nn.Sequential(nn.Flatten(), InputNormClip(1.0), nn.Linear(math.prod(shape), 128), MaxMin(),
                                   nn.Linear(128, config.num_classes))
@@ -167,9 +170,16 @@ def build_step(config: Configuration) -> Callable[[], None]:
             model, optimizer, criterion, _ = make_private(model, optimizer, loader, criterion, noise_multiplier=1.0,
                                                           max_grad_norm=1.0, grad_sample_mode=mode, seed=config.seed)
 
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    generator = torch.Generator(device=device).manual_seed(config.seed + 1)
+    size = sum(p.numel() for p in parameters)
+
     def step() -> None:
         optimizer.zero_grad()
         criterion(model(x), y).backward()
+        if config.method == "noise-floor":
+            draws = torch.randn(size, generator=generator, device=device).split([p.numel() for p in parameters])
+            torch._foreach_add_([p.grad for p in parameters], [d.view_as(p) for d, p in zip(draws, parameters)])
         optimizer.step()
 
     return step

@@ -189,15 +189,18 @@ def test_step_time_cases_and_table():
     assert step_time.parse_case("mlp-compiled:700") == ("mlp", True, 700)
     with pytest.raises(argparse.ArgumentTypeError):
         step_time.parse_case("resnet:64")
-    rows = [{"case": "mlp:64", "plain_seconds": 0.001, "lipdp_seconds": 0.00115, "time_ratio": 1.15, "threads": 2},
-            {"case": "cnn:256", "plain_seconds": 0.1, "lipdp_seconds": 0.103, "time_ratio": 1.03, "threads": 2}]
+    rows = [{"case": "mlp:64", "plain_seconds": 0.001, "noise_floor_seconds": 0.00102, "lipdp_seconds": 0.00115,
+             "noise_floor_ratio": 1.02, "time_ratio": 1.15, "threads": 2},
+            {"case": "cnn:256", "plain_seconds": 0.1, "noise_floor_seconds": 0.1, "lipdp_seconds": 0.103,
+             "noise_floor_ratio": 1.0, "time_ratio": 1.03, "threads": 2}]
     text = step_time.markdown(rows, 40, 5, [0.0, 0.0, 0.0])
-    assert "| mlp:64 | 1.000 | 1.150 | 1.150 (misses ≤ 1.05) |" in text and "1.030 (meets ≤ 1.05)" in text
+    assert "| mlp:64 | 1.000 | 1.020 | 1.150 | 1.020 | 1.150 (misses ≤ 1.05) |" in text and "1.030 (meets ≤ 1.05)" in text
 
 
-def test_step_time_measures_both_sides_in_one_process():
+def test_step_time_measures_every_side_in_one_process():
     row = step_time.measure_case("mlp", False, 8, rounds=2, warmup=1, threads=1)
-    assert row["plain_seconds"] > 0 and row["lipdp_seconds"] > 0 and len(row["times"]["lipdp"]) == 2
+    assert row["plain_seconds"] > 0 and row["noise_floor_seconds"] > 0 and row["lipdp_seconds"] > 0
+    assert all(len(row["times"][side]) == 2 for side in step_time.SIDES)
 
 
 def test_results_sections_are_replaced_in_place(tmp_path):

@@ -13,7 +13,7 @@ from torch import nn
 
 import lipdp
 from lipdp.bounds import CertifiedNormCache, ConvGeometry, conv2d_operator_norm, dense_operator_norm
-from lipdp.bounds.spectral import WARM_MARGIN, dense_certified_norm
+from lipdp.bounds.spectral import WARM_MARGIN, conv2d_certified_norm, dense_certified_norm
 from tests.soundness_utils import record_tightness, single_thread_torch
 
 N_GEOMETRIES = 48
@@ -278,7 +278,7 @@ def test_the_warm_certificate_refuses_a_claim_below_the_largest_eigenvalue(relat
     singular = torch.linspace(1.0, 0.2, n, dtype=torch.float64)
     singular[0] = singular[1] * math.sqrt((1 + WARM_MARGIN) * (1 + relative_gap))
     weight, right = _matrix_with_spectrum(96, singular, seed=n)
-    result = dense_certified_norm(weight, right[:, 1])
+    result = dense_certified_norm(weight, right[:, 1].unsqueeze(0))
     real = torch.linalg.svdvals(weight).max().item()
     assert result.warm is certified
     assert result.value >= real
@@ -295,7 +295,7 @@ def test_warm_started_dense_norms_are_certified_and_tight(seed: int) -> None:
     dtype = (torch.float32, torch.float64)[seed % 2]
     weight = torch.randn(*shape, generator=generator).to(dtype)
     real = torch.linalg.svdvals(weight.double()).max().item()
-    top = dense_certified_norm(weight).vector
+    top = dense_certified_norm(weight).vectors[0]
     n = top.numel()
     orthogonal = torch.randn(n, generator=generator, dtype=torch.float64)
     orthogonal -= (orthogonal @ top) * top
@@ -303,7 +303,7 @@ def test_warm_started_dense_norms_are_certified_and_tight(seed: int) -> None:
               torch.randn(n, generator=generator, dtype=torch.float64), torch.zeros(n, dtype=torch.float64),
               torch.full((n,), float("nan"), dtype=torch.float64), torch.ones(n + 1, dtype=torch.float64)]
     for start in starts:
-        value = dense_certified_norm(weight, start).value
+        value = dense_certified_norm(weight, start.unsqueeze(0)).value
         assert real <= value <= real * math.sqrt(1 + WARM_MARGIN) * (1 + 2e-6), (shape, dtype, start[:3])
 
 
@@ -322,3 +322,23 @@ def test_refreshing_every_step_uses_the_warm_certificate_and_stays_certified() -
         claimed = lipdp.analyze(model, 1.0, 1.0, (64,), norm_cache=cache).lipschitz
         assert claimed >= torch.linalg.svdvals(layer.weight.detach().double()).max().item()
     assert cache.exact_computations == 60 and cache.warm_computations >= 48
+
+
+@pytest.mark.parametrize("seed", range(N_GEOMETRIES))
+def test_warm_started_conv_norms_are_certified_on_the_real_operator(seed: int) -> None:
+    """Random geometries: warm-started from the vectors of a nearby kernel (one step earlier), or from garbage
+    (random, zero, NaN, wrong size: a tampered checkpoint), the certified norm is never below the real operator's
+    and at most the warm margin above the eigensolver's."""
+    conv, shape = random_geometry(seed)
+    geometry = ConvGeometry.of(conv, shape[1:])
+    exact = torch.linalg.matrix_norm(operator_matrix(conv, shape), ord=2).item()
+    cold = conv2d_certified_norm(conv.weight, geometry)
+    generator = torch.Generator().manual_seed(seed)
+    nearby = conv2d_certified_norm(conv.weight + 0.01 * torch.randn(conv.weight.shape, generator=generator,
+                                                                    dtype=conv.weight.dtype), geometry).vectors
+    vectors = cold.vectors
+    starts = [nearby, torch.randn(vectors.shape, generator=generator, dtype=torch.float64), torch.zeros_like(vectors),
+              torch.full_like(vectors, float("nan")), torch.ones(vectors.shape[0] + 1, vectors.shape[1])]
+    for start in starts:
+        warm = conv2d_certified_norm(conv.weight, geometry, start).value
+        assert exact <= warm <= cold.value * math.sqrt(1 + WARM_MARGIN) * (1 + 1e-9), (conv, shape)

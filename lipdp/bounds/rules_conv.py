@@ -1,6 +1,6 @@
 """Bound rule for 2-D convolutions (``nn.Conv2d`` and orthogonium's ``AdaptiveOrthoConv2d`` family).
 
-Lip: the certified norm of the real operator on this input size (``spectral.conv2d_operator_norm``).
+Lip: the certified norm of the real operator on this input size (``spectral.conv2d_certified_norm``).
 One sample's gradients, with g the gradient at the output and x the input (docs/design.md §2):
 dL/dW[:, :, a, b] = sum_i g_i x_{s i + d (a,b) - p}^T, hence ||dL/dW||_F <= sqrt(m) ||g|| ||x|| <= sqrt(m) G X,
 where m = max number of (tap, output position) pairs reading one input pixel (``patch_count``:
@@ -16,7 +16,7 @@ import math
 from torch import nn
 
 from lipdp.bounds.registry import BoundRule, UnsupportedModuleError, register_bound_rule
-from lipdp.bounds.spectral import CertifiedNorm, ConvGeometry, conv2d_operator_norm
+from lipdp.bounds.spectral import ConvGeometry, conv2d_certified_norm
 
 
 @register_bound_rule(nn.Conv2d)
@@ -37,11 +37,12 @@ class Conv2dRule(BoundRule):
         return ConvGeometry.of(module, ctx.input_shape_of(module)[-2:])
 
     def lipschitz(self, module: nn.Conv2d, ctx) -> float:
-        """Lip = certified ||conv||_2 on this input size (FFT, ``conv2d_operator_norm``), with Weyl drift
+        """Lip = certified ||conv||_2 on this input size (FFT, ``conv2d_certified_norm``, warm-started), with Weyl drift
         c = sqrt(m) between exact computations."""
         geometry = self._geometry(module, ctx)
         count = geometry.patch_count(tuple(module.kernel_size))
-        return ctx.operator_norm(module, geometry, lambda weight, start: CertifiedNorm(conv2d_operator_norm(weight, geometry)),
+        return ctx.operator_norm(module, geometry,
+                                 lambda weight, start: conv2d_certified_norm(weight, geometry, start),
                                  frobenius_factor=math.sqrt(count))
 
     def output_bound(self, module: nn.Conv2d, x_bound: float, ctx) -> float:

@@ -3,9 +3,9 @@
 * Dense: the largest singular value of W, certified in float64: from the symmetric eigensolver, or, warm-started
   from the previous top singular vector, a power-iteration estimate certified by a Cholesky factorisation
   (``dense_certified_norm``).
-* Convolution: the exact norm of the real operator, padding and stride included, from the FFT of the
-  kernel (Sedghi, Gupta & Long 2019, "The singular values of convolutional layers"). A strided convolution
-  is rewritten as a stride-1 convolution over the s*s polyphase components of its input, which turns it into
+* Convolution: the norm of the real operator, padding and stride included, from the FFT of the kernel (Sedghi,
+  Gupta & Long 2019, "The singular values of convolutional layers"), certified like a batch of dense matrices (one
+  per frequency). A strided convolution is rewritten as a stride-1 convolution over the s*s polyphase components of its input, which turns it into
   a block-circulant operator whose norm is max over frequencies of the largest singular value of the kernel's
   transfer matrix. Zero padding is certified by embedding the padded input in a torus large enough that no
   output wraps around (the real operator is then a compression of that circulant: norm <= the circulant's).
@@ -30,19 +30,8 @@ import torch
 FLOAT_SLACK = 1e-6
 
 
-def largest_singular_values(matrices: torch.Tensor) -> torch.Tensor:
-    """sigma_max of each matrix of a (..., m, n) batch, real or complex: sqrt(lambda_max(G)) for the smaller Gram
-    matrix G (M^H M or M M^H) by a symmetric eigensolver, 2-10x faster than an SVD of M. Rounding: in float64, G's
-    entries carry relative error <= n eps_64 (float32 products are exact) and the eigensolver is backward stable
-    (error <= c m eps_64 ||G||), far inside FLOAT_SLACK for any operator that fits in memory."""
-    m, n = matrices.shape[-2:]
-    adjoint = matrices.mH
-    gram = adjoint @ matrices if m >= n else matrices @ adjoint
-    return torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0.0).sqrt()
-
-
 #: Relative margin above the warm-started estimate theta of lambda_max(G) at which the Cholesky certificate is tried:
-#: a certified dense norm is at most sqrt(1 + WARM_MARGIN) (0.05%) above the exact one.
+#: a warm-certified norm is at most sqrt(1 + WARM_MARGIN) (0.05%) above the exact one.
 WARM_MARGIN = 1e-3
 #: Power steps from the warm start before the Rayleigh quotient (more certify more often after large moves).
 POWER_STEPS = 2
@@ -52,58 +41,70 @@ MIN_CERTIFIED = 1e-200
 
 @dataclass(frozen=True)
 class CertifiedNorm:
-    """A certified operator-norm bound ``value``; for dense layers also the top singular vector it was found with
-    (``vector``, the warm start of the next computation at nearby weights) and whether the warm certificate gave it
-    (``warm``; False: the eigensolver did)."""
+    """A certified operator-norm bound ``value``, the top singular vectors it was found with (``vectors``, the warm
+    start of the next computation at nearby weights) and whether the warm certificate gave it (``warm``; False: the
+    eigensolver did)."""
 
     value: float
-    vector: torch.Tensor | None = None
+    vectors: torch.Tensor | None = None
     warm: bool = False
 
 
-def _gamma(k: int, dtype: torch.dtype) -> float:
-    """gamma_k = k u / (1 - k u), u the unit roundoff: the relative error of a k-term float sum (Higham, §3.1)."""
-    unit = torch.finfo(dtype).eps / 2
+def _gamma(k: int) -> float:
+    """gamma_k = k u / (1 - k u), u the float64 unit roundoff: the relative error of a k-term sum (Higham, §3.1)."""
+    unit = torch.finfo(torch.float64).eps / 2
     return k * unit / (1 - k * unit)
 
 
-def dense_certified_norm(weight: torch.Tensor, start: torch.Tensor | None = None) -> CertifiedNorm:
-    """sigma_max(W) of a (out, in) matrix, certified in float64, from the smaller Gram matrix G (W^T W or W W^T).
+def _real_embedding(matrices: torch.Tensor) -> torch.Tensor:
+    """M = A + iB (..., r, c) -> [[A, -B], [B, A]] (..., 2r, 2c): a real matrix with the same singular values
+    (each twice), so that the real-arithmetic certificate below applies verbatim."""
+    real, imaginary = matrices.real, matrices.imag
+    return torch.cat([torch.cat([real, -imaginary], -1), torch.cat([imaginary, real], -1)], -2)
 
-    With ``start`` (the top singular vector at nearby weights, e.g. the previous step's): POWER_STEPS power steps on G give
-    theta = v^T G v <= lambda_max(G), and lambda = theta (1 + WARM_MARGIN) is certified >= lambda_max(G) when the
-    Cholesky factorisation of (lambda - alpha) I - G succeeds: a float Cholesky that completes on A - alpha I with
-    alpha >= gamma_{n+1} / (1 - 2 gamma_{n+1}) tr(A) proves A positive definite (Rump 2006, "Verification of positive
-    definiteness", BIT 46), here A = lambda I - G, tr(A) <= n lambda; alpha = 2 n gamma_{n+1} lambda also covers the
-    rounding of the shift and of the shifted diagonal. Cost: one Cholesky (n^3 / 3 flops) instead of
-    an eigensolver (5-7x slower, measured). Otherwise (no start, or the certificate fails) the symmetric
-    eigensolver gives lambda_max and its vector. Either way the rounding of G itself, ||fl(G) - G||_2 <= gamma_m
-    ||W||_F^2 (m the inner dimension), is added, then FLOAT_SLACK.
+
+def certified_largest_singular_value(matrices: torch.Tensor, start: torch.Tensor | None = None) -> CertifiedNorm:
+    """max over a real float64 (batch, r, c) batch of sigma_max, certified, from each smaller Gram matrix G_b.
+
+    Without ``start``: the symmetric eigensolver (backward stable: error <= c n eps ||G||, inside FLOAT_SLACK).
+    With ``start`` (batch, n), the top singular vectors at nearby weights (e.g. the previous step's): POWER_STEPS
+    power steps give theta_b = v_b^T G_b v_b <= lambda_max(G_b), and lambda = max_b theta_b (1 + WARM_MARGIN) is
+    certified >= every lambda_max(G_b) when the Cholesky factorisation of (lambda - alpha) I - G_b completes for
+    every b: a float Cholesky that completes on A - alpha I with alpha >= gamma_{n+1} / (1 - 2 gamma_{n+1}) tr(A)
+    proves A positive definite (Rump 2006, "Verification of positive definiteness", BIT 46), here A = lambda I - G_b,
+    tr(A) <= n lambda; alpha = 2 n gamma_{n+1} lambda also covers the rounding of the shift and of the diagonal. A
+    Cholesky is 3-7x cheaper than an eigensolver (measured); when one fails, the eigensolver answers (a poor start
+    costs time, never soundness). Either way the rounding of G itself, ||fl(G) - G||_2 <= gamma_m ||M||_F^2 (m the
+    inner dimension), is added, then FLOAT_SLACK.
     """
-    matrix = weight.detach().to(torch.float64)
-    rows, cols = matrix.shape
-    gram = matrix.T @ matrix if rows >= cols else matrix @ matrix.T
-    n, inner = gram.shape[0], max(rows, cols)
-    trace = gram.diagonal().sum()
-    usable = start is not None and start.shape == (n,) and start.device == gram.device
-    if usable:
-        vector = start.to(torch.float64)
-        for _ in range(POWER_STEPS):  # power steps from the warm start, then the Rayleigh quotient
-            vector = gram @ vector
-            vector = vector / vector.norm().clamp_min(1e-300)
-        image = gram @ vector
-        claimed = (vector @ image) * (1 + WARM_MARGIN)
+    rows, cols = matrices.shape[-2:]
+    gram = matrices.mT @ matrices if rows >= cols else matrices @ matrices.mT
+    n, inner = gram.shape[-1], max(rows, cols)
+    trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1).max()
+    if start is not None and start.shape == gram.shape[:-1] and start.device == gram.device:
+        vectors = start.to(torch.float64)
+        for _ in range(POWER_STEPS):
+            vectors = (gram @ vectors.unsqueeze(-1)).squeeze(-1)
+            vectors = vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+        images = (gram @ vectors.unsqueeze(-1)).squeeze(-1)
+        claimed = (vectors * images).sum(-1).max() * (1 + WARM_MARGIN)
         shifted = -gram
-        shifted.diagonal().add_(claimed * (1 - 2 * n * _gamma(n + 1, torch.float64)))
-        info = torch.linalg.cholesky_ex(shifted).info
-        claimed_value, failed, trace_value = torch.stack([claimed, info.to(torch.float64), trace]).tolist()
+        shifted.diagonal(dim1=-2, dim2=-1).add_(claimed * (1 - 2 * n * _gamma(n + 1)))
+        failures = (torch.linalg.cholesky_ex(shifted).info != 0).sum()
+        claimed_value, failed, trace_value = torch.stack([claimed, failures.to(torch.float64), trace]).tolist()
         if not failed and MIN_CERTIFIED < claimed_value < math.inf:
-            value = math.sqrt(claimed_value + _gamma(inner, torch.float64) * trace_value) * (1 + FLOAT_SLACK)
-            return CertifiedNorm(value, image / image.norm().clamp_min(1e-300), warm=True)
+            value = math.sqrt(claimed_value + _gamma(inner) * trace_value) * (1 + FLOAT_SLACK)
+            return CertifiedNorm(value, images / images.norm(dim=-1, keepdim=True).clamp_min(1e-300), warm=True)
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
-    largest, trace_value = torch.stack([eigenvalues[-1], trace]).tolist()
-    value = math.sqrt(max(largest, 0.0) + _gamma(inner, torch.float64) * trace_value) * (1 + FLOAT_SLACK)
-    return CertifiedNorm(value, eigenvectors[:, -1].clone())
+    largest, trace_value = torch.stack([eigenvalues[..., -1].max(), trace]).tolist()
+    value = math.sqrt(max(largest, 0.0) + _gamma(inner) * trace_value) * (1 + FLOAT_SLACK)
+    return CertifiedNorm(value, eigenvectors[..., -1].clone())
+
+
+def dense_certified_norm(weight: torch.Tensor, start: torch.Tensor | None = None) -> CertifiedNorm:
+    """Certified sigma_max of a (out, in) matrix in float64 (``certified_largest_singular_value``; ``start``: the
+    previous computation's ``vectors``)."""
+    return certified_largest_singular_value(weight.detach().to(torch.float64).unsqueeze(0), start)
 
 
 def dense_operator_norm(weight: torch.Tensor) -> float:
@@ -200,8 +201,11 @@ def _polyphase(kernel: torch.Tensor, stride: tuple[int, int]) -> torch.Tensor:
     return phases.reshape(co, ci * sh * sw, ah, aw)
 
 
-def _circulant_norm(kernel: torch.Tensor, torus_hw: tuple[int, int], groups: int) -> float:
-    """Exact norm of the stride-1 circular correlation with ``kernel`` on a torus of size ``torus_hw``."""
+def _circulant_norm(kernel: torch.Tensor, torus_hw: tuple[int, int], groups: int,
+                    start: torch.Tensor | None) -> CertifiedNorm:
+    """Certified norm of the stride-1 circular correlation with ``kernel`` on a torus of size ``torus_hw``: the
+    largest singular value over frequencies of the kernel's transfer matrices (exact up to the certificate's
+    margin, ``certified_largest_singular_value``)."""
     nh, nw = torus_hw
     co, cig, kh, kw = kernel.shape
     folded = kernel.new_zeros(co, cig, nh, nw)
@@ -212,11 +216,13 @@ def _circulant_norm(kernel: torch.Tensor, torus_hw: tuple[int, int], groups: int
     # half spectrum of rfft2 holds every distinct norm.
     transfer = torch.fft.rfft2(folded)  # (co, cig, nh, nw // 2 + 1)
     transfer = transfer.reshape(groups, co // groups, cig, nh, nw // 2 + 1).permute(0, 3, 4, 1, 2)
-    return largest_singular_values(transfer).max().item()
+    return certified_largest_singular_value(_real_embedding(transfer.reshape(-1, co // groups, cig)), start)
 
 
-def conv2d_operator_norm(kernel: torch.Tensor, geometry: ConvGeometry) -> float:
-    """Certified upper bound of the norm of the real conv2d operator (padding and stride included)."""
+def conv2d_certified_norm(kernel: torch.Tensor, geometry: ConvGeometry,
+                          start: torch.Tensor | None = None) -> CertifiedNorm:
+    """Certified upper bound of the norm of the real conv2d operator (padding and stride included); ``start``:
+    the previous computation's ``vectors`` (one per frequency), to warm-start the certificate."""
     kernel = _dilate(kernel.detach().to(torch.float64), geometry.dilation)
     top, bottom, left, right = geometry.padding
     stride = geometry.stride
@@ -235,12 +241,18 @@ def conv2d_operator_norm(kernel: torch.Tensor, geometry: ConvGeometry) -> float:
             multiplicity *= max(positions.count(p) for p in set(positions)) if positions else 1
         if multiplicity > 1 or any(n % s for n, s in zip(torus, stride)):
             # Stride-1 circulant, subsampled (with repeats) at the output positions: ||S|| = sqrt(mult).
-            norm = _circulant_norm(kernel, torus, geometry.groups) * math.sqrt(multiplicity)
-            return norm * (1 + FLOAT_SLACK)
+            norm = _circulant_norm(kernel, torus, geometry.groups, start)
+            return CertifiedNorm(norm.value * math.sqrt(multiplicity), norm.vectors, norm.warm)
     norm = _circulant_norm(
-        _polyphase(kernel, stride), (torus[0] // stride[0], torus[1] // stride[1]), geometry.groups
+        _polyphase(kernel, stride), (torus[0] // stride[0], torus[1] // stride[1]), geometry.groups, start
     )
-    return norm * math.sqrt(multiplicity) * (1 + FLOAT_SLACK)
+    return CertifiedNorm(norm.value * math.sqrt(multiplicity), norm.vectors, norm.warm)
+
+
+def conv2d_operator_norm(kernel: torch.Tensor, geometry: ConvGeometry) -> float:
+    """Certified upper bound of the norm of the real conv2d operator (padding and stride included), by the
+    eigensolver."""
+    return conv2d_certified_norm(kernel, geometry).value
 
 
 def _matches(reference: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -258,14 +270,14 @@ def _drift_slack(dtype: torch.dtype) -> float:
 @dataclass(eq=False)
 class _Reference:
     """One exact computation: the weight W0 it was made at (a copy), its certified norm, when, the warm start it
-    was made from (``start``, kept so that a resumed run repeats it exactly) and the vector it found (``vector``,
-    the warm start of the next one)."""
+    was made from (``start``, kept so that a resumed run repeats it exactly) and the vectors it found
+    (``vectors``, the warm start of the next one)."""
 
     weight: torch.Tensor
     norm: float
     refreshed_at: int
     start: torch.Tensor | None = None
-    vector: torch.Tensor | None = None
+    vectors: torch.Tensor | None = None
 
 
 @dataclass(eq=False)
@@ -364,7 +376,7 @@ class CertifiedNormCache:
             term = frobenius_factor * measured * _drift_slack(weight.dtype)
             if self.steps - reference.refreshed_at < self.refresh_every and term <= self.refresh_tolerance * reference.norm:
                 return reference.norm + term
-        start = reference.vector if reference is not None and _matches(reference.weight, weight) else None
+        start = reference.vectors if reference is not None and _matches(reference.weight, weight) else None
         per_module[key] = reference = self._compute(weight.clone(), exact, start, self.steps)
         self._paths.setdefault(module, path)
         return reference.norm
@@ -373,7 +385,7 @@ class CertifiedNormCache:
         certified = exact(weight, start)
         self.exact_computations += 1
         self.warm_computations += int(certified.warm)
-        return _Reference(weight, certified.value, refreshed_at, start, certified.vector)
+        return _Reference(weight, certified.value, refreshed_at, start, certified.vectors)
 
     def _adopt_loaded(self, path, key, weight, exact) -> _Reference | None:
         """A reference restored by ``load_state_dict`` for (path, key): its norm recomputed exactly from W0."""
