@@ -5,7 +5,7 @@
 
 For each network (``lipdp.models.orthogonal_network``: ``cnn`` = ``lipdp train``'s orthogonal CNN, ``patch`` = the
 patch CNN whose trainable layers have no overlap factor), at initialisation and after ``--steps`` plain
-(non-private) Adam steps on the training split: the real per-sample gradients of every parameter on ``--samples``
+(non-private) Adam steps on the training split (widths: each network's Fashion-MNIST preset): the real per-sample gradients of every parameter on ``--samples``
 real training images (``lipdp.clipping.PerRowGradients``, torch.func), each norm divided by the certified bound
 Delta the engine uses for that parameter (``LipDPEngine.current_bounds``), median over the images. The last
 column compares the whole gradient: median ||g_i|| over sqrt(sum Delta^2) — how much more noise the certified
@@ -21,12 +21,13 @@ import sys
 from pathlib import Path
 
 from benchmarks.report import OUT_DIR, RESULTS, table, write_json, write_section
-from lipdp.presets import TRAIN_PRESETS
+from lipdp.presets import TRAIN_PRESETS, train_preset
 
 logger = logging.getLogger(__name__)
 
 SECTION = "tightness"
-NETWORKS = {"cnn": (16, 32, 64), "patch": (32, 64)}
+#: kind -> widths: the networks of ``lipdp train --dataset fashion-mnist --model KIND`` (their presets' widths).
+NETWORKS = {kind: tuple(train_preset("fashion-mnist", kind)["widths"]) for kind in ("cnn", "patch")}
 TEMPERATURE = 8.0
 LEARNING_RATE = 1e-3
 #: The logit-gradient clip of ``lipdp train``'s Fashion-MNIST preset: the bound the engine uses there.

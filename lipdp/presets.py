@@ -9,9 +9,10 @@ validation split), an orthogonal MLP on the pixels reaches 71%: digits trains th
 from __future__ import annotations
 
 TRAIN_PRESETS: dict[str, dict] = {
-    # The patch CNN (no patch-overlap factor in its bounds): 76.05% / 77.27% validation (seeds 0 / 1) at epsilon = 3
-    # against the orthogonal CNN's 65.85% / 64.68% at the same length, learning rate, temperature and clip (README).
-    "fashion-mnist": dict(model="patch", epochs=6, batch_size=2048, learning_rate=1e-2, widths=(32, 64),
+    # The patch CNN (no patch-overlap factor in its bounds) with 4 then 8 channels: 78.35% / 78.57% validation (seeds
+    # 0 / 1) at epsilon = 3, against 76.05% / 77.27% with 32 / 64 channels and the orthogonal CNN's 65.85% / 64.68%
+    # at the same length, learning rate, temperature and clip (README, "The end-to-end network").
+    "fashion-mnist": dict(model="patch", epochs=6, batch_size=2048, learning_rate=1e-2, widths=(4, 8),
                           temperature=8.0, loss_grad_clip=1.0),
     "digits": dict(model="mlp", epochs=30, batch_size=256, learning_rate=5e-2, widths=(64,), temperature=8.0),
     # Any other data set: the CNN for images, the MLP otherwise (model None: chosen from the data's shape).
