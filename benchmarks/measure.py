@@ -172,13 +172,13 @@ def build_step(config: Configuration) -> Callable[[], None]:
 
     parameters = [p for p in model.parameters() if p.requires_grad]
     generator = torch.Generator(device=device).manual_seed(config.seed + 1)
-    size = sum(p.numel() for p in parameters)
+    sizes = [p.numel() for p in parameters]
 
     def step() -> None:
         optimizer.zero_grad()
         criterion(model(x), y).backward()
         if config.method == "noise-floor":
-            draws = torch.randn(size, generator=generator, device=device).split([p.numel() for p in parameters])
+            draws = torch.randn(sum(sizes), generator=generator, device=device).split(sizes)
             torch._foreach_add_([p.grad for p in parameters], [d.view_as(p) for d, p in zip(draws, parameters)])
         optimizer.step()
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from accounting import PrivacyAccountant, calibrate_noise
-from benchmarks import batch_size, harness, report, step_time
+from benchmarks import batch_size, harness, norm_certificate, report, step_time
 from benchmarks.measure import Configuration, Measurement, measure, run_isolated
 from lipdp.datasets import load_dataset
 from lipdp.engine import LipDPEngine
@@ -263,3 +263,9 @@ def test_accuracy_table_runs_the_end_to_end_cnn_row_at_its_own_preset():
     assert cnn.lipdp_recipe == "cnn" and cnn.epochs == TRAIN_PRESETS["fashion-mnist"]["epochs"]
     assert accuracy.row_settings("lipdp", "fashion-mnist").epochs == accuracy.DATASET_SETTINGS["fashion-mnist"].epochs
     assert accuracy.row_settings("lipdp-cnn", "digits") is None  # lipdp train's digits preset is the MLP
+
+
+def test_norm_certificate_benchmark_times_both_paths():
+    row = norm_certificate.measure("conv", (32, 16, 3, 3), (14, 14), repeats=1)
+    assert row["warm"] and row["cold_seconds"] > 0 and row["warm_seconds"] > 0
+    assert 1.0 <= row["margin"] <= (1 + 1e-3) ** 0.5 * (1 + 1e-9)

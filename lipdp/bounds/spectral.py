@@ -36,8 +36,7 @@ WARM_MARGIN = 1e-3
 #: Power steps from the warm start before the Rayleigh quotient (more certify more often after large moves).
 POWER_STEPS = 2
 #: Below this many flops of eigensolver work (batch * n^3) the eigensolver alone is used, without vectors: it is then
-#: cheaper than the certificate's dozen tensor operations (measured on CPU: a 10 x 10 eigensolve takes 23 us, the
-#: certificate ~100 us; at 64 x 64, 200 us against ~100 us).
+#: cheaper than the certificate's dozen tensor operations (``python -m benchmarks.norm_certificate``).
 WARM_MIN_WORK = 64**3
 #: Below this lambda the warm certificate is not used (Rump's bound has an underflow term): the eigensolver is.
 MIN_CERTIFIED = 1e-200
@@ -77,8 +76,8 @@ def certified_largest_singular_value(matrices: torch.Tensor, start: torch.Tensor
     certified >= every lambda_max(G_b) when the Cholesky factorisation of (lambda - alpha) I - G_b completes for
     every b: a float Cholesky that completes on A - alpha I with alpha >= gamma_{n+1} / (1 - 2 gamma_{n+1}) tr(A)
     proves A positive definite (Rump 2006, "Verification of positive definiteness", BIT 46), here A = lambda I - G_b,
-    tr(A) <= n lambda; alpha = 2 n gamma_{n+1} lambda also covers the rounding of the shift and of the diagonal. A
-    Cholesky is 3-7x cheaper than an eigensolver (measured); when one fails, the eigensolver answers (a poor start
+    tr(A) <= n lambda; alpha = 2 n gamma_{n+1} lambda also covers the rounding of the shift and of the diagonal. The
+    certificate is 1.8-3.3x faster than the eigensolver (``benchmarks.norm_certificate``); when one fails, the eigensolver answers (a poor start
     costs time, never soundness). Either way the rounding of G itself, ||fl(G) - G||_2 <= gamma_m ||M||_F^2 (m the
     inner dimension), is added, then FLOAT_SLACK.
     """
@@ -86,9 +85,12 @@ def certified_largest_singular_value(matrices: torch.Tensor, start: torch.Tensor
     gram = matrices.mT @ matrices if rows >= cols else matrices @ matrices.mT
     n, inner = gram.shape[-1], max(rows, cols)
     trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1).max()
+
+    def bound(largest: float, trace_value: float) -> float:  # sigma from lambda, with G's rounding and the slack
+        return math.sqrt(max(largest, 0.0) + _gamma(inner) * trace_value) * (1 + FLOAT_SLACK)
+
     if gram.shape[:-2].numel() * n**3 < WARM_MIN_WORK:  # the eigensolver is cheaper than the certificate's overhead
-        largest, trace_value = torch.stack([torch.linalg.eigvalsh(gram)[..., -1].max(), trace]).tolist()
-        return CertifiedNorm(math.sqrt(max(largest, 0.0) + _gamma(inner) * trace_value) * (1 + FLOAT_SLACK))
+        return CertifiedNorm(bound(*torch.stack([torch.linalg.eigvalsh(gram)[..., -1].max(), trace]).tolist()))
     if start is not None and start.shape == gram.shape[:-1] and start.device == gram.device:
         vectors = start.to(torch.float64).unsqueeze(-1)
         for _ in range(POWER_STEPS):
@@ -100,13 +102,11 @@ def certified_largest_singular_value(matrices: torch.Tensor, start: torch.Tensor
         shifted.diagonal(dim1=-2, dim2=-1).add_(claimed * (1 - 2 * n * _gamma(n + 1)))
         failures = torch.linalg.cholesky_ex(shifted).info.count_nonzero()
         claimed_value, failed, trace_value = torch.stack([claimed, failures.to(torch.float64), trace]).tolist()
-        if not failed and MIN_CERTIFIED < claimed_value < math.inf:
-            value = math.sqrt(claimed_value + _gamma(inner) * trace_value) * (1 + FLOAT_SLACK)
-            return CertifiedNorm(value, images.squeeze(-1), warm=True)  # the next start (its scale is irrelevant)
+        if not failed and MIN_CERTIFIED < claimed_value < math.inf:  # the next start: images (scale irrelevant)
+            return CertifiedNorm(bound(claimed_value, trace_value), images.squeeze(-1), warm=True)
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
-    largest, trace_value = torch.stack([eigenvalues[..., -1].max(), trace]).tolist()
-    value = math.sqrt(max(largest, 0.0) + _gamma(inner) * trace_value) * (1 + FLOAT_SLACK)
-    return CertifiedNorm(value, eigenvectors[..., -1].clone())
+    return CertifiedNorm(bound(*torch.stack([eigenvalues[..., -1].max(), trace]).tolist()),
+                         eigenvectors[..., -1].clone())
 
 
 def dense_certified_norm(weight: torch.Tensor, start: torch.Tensor | None = None) -> CertifiedNorm:
@@ -247,13 +247,13 @@ def conv2d_certified_norm(kernel: torch.Tensor, geometry: ConvGeometry,
         for axis, before in ((0, top), (1, left)):
             positions = [(stride[axis] * i - before) % torus[axis] for i in range(out_hw[axis])]
             multiplicity *= max(positions.count(p) for p in set(positions)) if positions else 1
-        if multiplicity > 1 or any(n % s for n, s in zip(torus, stride)):
-            # Stride-1 circulant, subsampled (with repeats) at the output positions: ||S|| = sqrt(mult).
-            norm = _circulant_norm(kernel, torus, geometry.groups, start)
-            return CertifiedNorm(norm.value * math.sqrt(multiplicity), norm.vectors, norm.warm)
-    norm = _circulant_norm(
-        _polyphase(kernel, stride), (torus[0] // stride[0], torus[1] // stride[1]), geometry.groups, start
-    )
+    if multiplicity > 1 or any(n % s for n, s in zip(torus, stride)):  # only circular padding gets here
+        # Stride-1 circulant, subsampled (with repeats) at the output positions: ||S|| = sqrt(mult).
+        norm = _circulant_norm(kernel, torus, geometry.groups, start)
+    else:
+        norm = _circulant_norm(
+            _polyphase(kernel, stride), (torus[0] // stride[0], torus[1] // stride[1]), geometry.groups, start
+        )
     return CertifiedNorm(norm.value * math.sqrt(multiplicity), norm.vectors, norm.warm)
 
 
