@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import lipdp
-from lipdp.bounds import is_reparametrized
+from lipdp.bounds import CertifiedNormCache, is_reparametrized
 from lipdp.layers import InputNormClip
 from lipdp.losses import LipschitzCrossEntropy
 from lipdp.models import orthogonal_patch_cnn
@@ -87,6 +87,33 @@ def check_architecture(seed: int, restarts: int = 3, steps: int = 40) -> None:
                  restarts, steps)
 
 
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_warm_certified_norms_bound_real_per_sample_gradients_while_training(kind: str) -> None:
+    """The warm-started certificate (refresh at every step, so every norm after the first comes from it) keeps
+    every claim above the real per-sample gradients (torch.func, adversarial inputs at the norm bound) as Adam
+    moves the weights."""
+    from orthogonium.layers import MaxMin
+
+    torch.manual_seed(7)
+    if kind == "dense":  # 64 x 128 and 128 x 64: large enough for the certificate (WARM_MIN_WORK)
+        shape = (64,)
+        model = nn.Sequential(InputNormClip(1.0), nn.Linear(64, 128), MaxMin(), nn.Linear(128, 64), MaxMin(),
+                              nn.Linear(64, 3))
+    else:  # 16 -> 32 channels on 8 x 8: 60 transfer matrices of 32 x 16
+        shape = (16, 8, 8)
+        model = nn.Sequential(InputNormClip(1.0), nn.Conv2d(16, 32, 3, padding=1), MaxMin(), nn.Flatten(),
+                              nn.Linear(32 * 64, 3))
+    cache = CertifiedNormCache(refresh_tolerance=0.0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for step in range(4):
+        optimizer.zero_grad()
+        model(torch.randn(32, *shape)).square().mean().backward()
+        optimizer.step()
+        check_bounds(model, shape, 1.0, 1.0, step, f"{kind} after {step + 1} Adam steps (warm certificate)",
+                     restarts=2, steps=20, norm_cache=cache)
+    assert cache.warm_computations > 0, "the certificate must have answered"
+
+
 @pytest.mark.parametrize("widths, patch_size, depth", [((4, 8), 2, 1), ((4, 6), 2, 2), ((6,), 4, 1)])
 def test_patch_cnn(widths, patch_size, depth) -> None:
     """The patch CNN (kernel = stride convolutions, 1x1 convolutions, a flattening dense layer) on 8x8 images."""
@@ -96,14 +123,16 @@ def test_patch_cnn(widths, patch_size, depth) -> None:
 
 
 def check_bounds(model, shape, x0: float, radius: float, seed: int, description: str, restarts: int = 3,
-                 steps: int = 40) -> None:
+                 steps: int = 40, norm_cache: CertifiedNormCache | None = None) -> None:
     """No input, output gradient or label the search finds makes a real per-sample gradient (or the output norm,
-    or the input gradient) exceed lipdp's claim, with a linear loss and with a real cross-entropy."""
+    or the input gradient) exceed lipdp's claim, with a linear loss and with a real cross-entropy. ``norm_cache``:
+    the certified norms' cache the claim is computed with (default: a fresh one, i.e. the eigensolver)."""
     rng = random.Random(1000 + seed)
     loss_lipschitz = rng.choice([1.0, math.sqrt(2.0), 2.5])
     generator = torch.Generator().manual_seed(seed)
 
-    report = lipdp.analyze(model, x0, loss_lipschitz, shape)
+    report = lipdp.analyze(model, x0, loss_lipschitz, shape,
+                           norm_cache=CertifiedNormCache() if norm_cache is None else norm_cache)
     model64 = materialize(model)
     _assert_same_function(model, model64, shape, radius)
     truth = GroundTruth(model64)
