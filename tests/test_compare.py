@@ -243,7 +243,7 @@ def test_accuracy_table_on_digits(tmp_path):
     from benchmarks import accuracy
 
     results, raw = tmp_path / "R.md", tmp_path / "a.json"
-    common = ["--datasets", "digits", "--epsilons", "3", "--epochs", "5", "--results", str(results),
+    common = ["--datasets", "digits", "--epsilons", "3", "--epochs", "2", "--results", str(results),
               "--json", str(raw), "--no-progress"]
     assert accuracy.main(common + ["--rows", "lipdp"]) == 0
     assert accuracy.main(common + ["--rows", "opacus", "lipdp-cnn", "--append"]) == 0  # keeps the lipdp run
