@@ -220,6 +220,20 @@ def trial_rdp(schedules: Sequence[HistoryEntry], orders: Sequence[float] = ORDER
     return np.max([schedule_rdp(entry, orders) for entry in schedules], axis=0)
 
 
+def score_noise_multiplier(entry: HistoryEntry, orders: Sequence[float] = ORDERS) -> float:
+    """σ_s of the Gaussian noise on a trial's count of correct validation predictions (sensitivity 1 under
+    add/remove): the smallest whose RDP ``λ/(2σ_s²)`` (Mironov 2017, Prop. 7) is at most the trial's training RDP
+    at every order, ``σ_s = max_λ sqrt(λ / (2·ε_T(λ)))``.
+
+    Training and scoring read disjoint parts of the data, split by a coin per record independent of the data
+    (``lipdp.datasets.independent_split``): a neighbouring data set's extra record lands in one part and nothing
+    else moves, so the trial is ``max(ε_T, ε_score)``-RDP conditioned on the coins, and so is the mixture over them
+    (joint quasi-convexity, van Erven & Harremoës 2014, Thm 13). With ``ε_score <= ε_T`` the score is free: the
+    trial's curve, the search's and the naive composition's are the training curves."""
+    a = np.asarray(orders, dtype=float)
+    return float(np.sqrt(np.max(a / (2 * schedule_rdp(entry, orders)))))
+
+
 def _composed_rdp(entries: Sequence[HistoryEntry], orders: Sequence[float]) -> np.ndarray:
     """The RDP curve of releasing all ``entries`` (curves add under composition); zero for none."""
     return np.sum([schedule_rdp(entry, orders) for entry in entries], axis=0) if entries else np.zeros(len(orders))

@@ -36,6 +36,7 @@ __all__ = [
     "DatasetNotFoundError",
     "DatasetSplits",
     "available_datasets",
+    "independent_split",
     "load_dataset",
     "train_validation_split",
 ]
@@ -113,6 +114,24 @@ def train_validation_split(
         TensorDataset(*(t[train] for t in dataset.tensors)),
         TensorDataset(*(t[val] for t in dataset.tensors)),
     )
+
+
+def independent_split(
+    dataset: TensorDataset, fraction: float, seed: int
+) -> tuple[TensorDataset, TensorDataset]:
+    """Split into (rest, part): each record joins ``part`` independently with probability ``fraction`` (a coin per
+    record from ``seed``, not the data). Under add/remove adjacency the added record lands in one part and every
+    other record keeps its part (its coin, for an appended record; in distribution otherwise: the coins are
+    i.i.d.), so mechanisms on the two parts compose in parallel (docs/design.md §4, tuning); a fixed-size split
+    (:func:`train_validation_split`) moves a second record when one is added."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"the split fraction must be in (0, 1), got {fraction!r}. Fix: use e.g. 0.2")
+    joins = torch.rand(len(dataset), generator=torch.Generator().manual_seed(seed)) < fraction
+    if joins.all() or not joins.any():
+        raise ValueError(f"a split of {len(dataset)} samples with fraction {fraction:g} left a part empty. "
+                         "Fix: use more samples or a fraction nearer 0.5")
+    return (TensorDataset(*(t[~joins] for t in dataset.tensors)),
+            TensorDataset(*(t[joins] for t in dataset.tensors)))
 
 
 def _tensor(array: np.ndarray, dtype: type) -> torch.Tensor:

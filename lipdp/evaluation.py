@@ -37,7 +37,12 @@ def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 2048) -> t
         return torch.cat([model(inputs[start:start + batch_size]) for start in range(0, len(inputs), batch_size)])
 
 
+def correct_predictions(model: nn.Module, dataset: TensorDataset, batch_size: int = 2048) -> int:
+    """How many of the (inputs, labels) ``dataset``'s samples ``model`` classifies right (top-1)."""
+    inputs, labels = dataset.tensors[:2]
+    return int((predict(model, inputs, batch_size).argmax(dim=1) == labels).sum())
+
+
 def accuracy(model: nn.Module, dataset: TensorDataset, batch_size: int = 2048) -> float:
     """Top-1 accuracy of ``model`` on the (inputs, labels) ``dataset``."""
-    inputs, labels = dataset.tensors[:2]
-    return (predict(model, inputs, batch_size).argmax(dim=1) == labels).float().mean().item()
+    return correct_predictions(model, dataset, batch_size) / len(dataset)

@@ -56,9 +56,10 @@ def view_augmentation(config: TrainConfig) -> Augmentation | None:
 
 @dataclass
 class TrainResult:
-    """What a private run reports: held-out accuracy, (epsilon, delta) spent, sigma, steps, time, per-epoch log."""
+    """What a private run reports: held-out accuracy (None without a held-out set), (epsilon, delta) spent, sigma,
+    steps, time, per-epoch log."""
 
-    test_accuracy: float
+    test_accuracy: float | None
     epsilon: float
     delta: float
     noise_multiplier: float
@@ -84,10 +85,13 @@ def make_optimizer(name: str, parameters, learning_rate: float) -> torch.optim.O
 
 
 def train_private(
-    model: nn.Module, train_set: TensorDataset, test_set: TensorDataset, config: TrainConfig,
+    model: nn.Module, train_set: TensorDataset, test_set: TensorDataset | None, config: TrainConfig,
     progress: bool = True, engine: LipDPEngine | None = None,
 ) -> tuple[TrainResult, LipDPEngine]:
     """Train ``model`` with (config.epsilon, config.delta)-DP on ``train_set``; Adam (or SGD) + cosine schedule.
+
+    ``test_set``: held-out data scored after every epoch (a non-private function of them); None scores nothing
+    (``lipdp.tuning`` scores its trials itself, privately).
 
     ``engine``: a fresh engine that may already have released statistics of ``train_set`` (e.g.
     ``engine.private_mean``); the noise is calibrated so that they and the training fit (epsilon, delta).
@@ -136,14 +140,15 @@ def train_private(
                     if averaged is not None:
                         averaged.update()
                     bar.set_postfix(loss=f"{loss.item():.3f}")
-        with averaged.applied() if averaged else contextlib.nullcontext(model) as evaluated:
-            test_accuracy = accuracy(evaluated, test_set)
-        entry = {"epoch": epoch, "steps": engine.accountant.total_steps, "test_accuracy": test_accuracy,
-                 "seconds": time.perf_counter() - start}
-        epoch_log.append(entry)
-        logger.info("epoch %d: %d steps, test acc=%.4f", epoch, entry["steps"], entry["test_accuracy"])
-        if progress:
-            tqdm.write(f"epoch {epoch}: {entry['steps']} steps, held-out accuracy = {entry['test_accuracy']:.4f}")
+        steps, test_accuracy = engine.accountant.total_steps, None
+        if test_set is not None:
+            with averaged.applied() if averaged else contextlib.nullcontext(model) as evaluated:
+                test_accuracy = accuracy(evaluated, test_set)
+            logger.info("epoch %d: %d steps, test acc=%.4f", epoch, steps, test_accuracy)
+            if progress:
+                tqdm.write(f"epoch {epoch}: {steps} steps, held-out accuracy = {test_accuracy:.4f}")
+        epoch_log.append({"epoch": epoch, "steps": steps, "test_accuracy": test_accuracy,
+                          "seconds": time.perf_counter() - start})
     if averaged is not None:  # the released model is the average (post-processing of released iterates)
         averaged.copy_into()
     result = TrainResult(

@@ -1,12 +1,15 @@
 """Private hyper-parameter tuning: a random number of private trials, the best one released (docs/design.md §4).
 
-``tune`` carves a validation split out of the training data, draws the number of trials K from a declared
-distribution (``accounting.tuning``: truncated negative binomial or Poisson), and runs K independent trials, each a
-whole ``lipdp.training.train_private`` run with settings drawn uniformly from a :class:`SearchSpace` (public
-randomness) and its own seed. Each trial is scored by its validation accuracy; the best trial's model, settings and
-score are the release, and ``TuningResult.epsilon`` (Papernot & Steinke 2022, Theorems 2 and 6) covers it, the
-search included. The trial count and the other trials' scores are a log for the data curator: publishing them is
-covered only by ``TuningResult.naive_epsilon``, the composition of every trial that ran.
+``tune`` carves a validation part out of the training data (a coin per record, independent of the data), draws the
+number of trials K from a declared distribution (``accounting.tuning``: truncated negative binomial or Poisson), and
+runs K independent trials, each a whole ``lipdp.training.train_private`` run on the other part with settings drawn
+uniformly from a :class:`SearchSpace` (public randomness) and its own seed. Each trial is scored privately: its
+count of correct validation predictions plus Gaussian noise (``accounting.tuning.score_noise_multiplier``: its RDP
+stays below the training's, and the two parts compose in parallel, so the score costs no ε), over the expected size
+of the validation part. The best trial's model, settings and noisy score are the release, and
+``TuningResult.epsilon`` (Papernot & Steinke 2022, Theorems 2 and 6) covers it, the search included. The trial count
+and the other trials' scores are a log for the data curator: publishing them is covered only by
+``TuningResult.naive_epsilon``, the composition of every trial that ran.
 
 Noise: every (epochs, batch size) schedule of the space gets its σ from ``accounting.tuning.calibrate_trial_noise``
 before any trial runs. A trial is then asked for the single-run ε (RDP backend) that its σ gives, and
@@ -29,8 +32,9 @@ from torch.utils.data import TensorDataset
 from accounting import PrivacyAccountant
 from accounting.history import HistoryEntry
 from accounting.tuning import (TrialCount, calibrate_trial_noise, naive_epsilon, single_trial_epsilon,
-                               tuned_epsilon)
-from lipdp.datasets import train_validation_split
+                               score_noise_multiplier, tuned_epsilon)
+from lipdp.datasets import independent_split
+from lipdp.evaluation import correct_predictions
 from lipdp.training import TrainConfig, train_private
 
 logger = logging.getLogger(__name__)
@@ -106,11 +110,13 @@ def schedule_steps(num_samples: int, epochs: int, batch_size: int) -> tuple[floa
 
 @dataclass
 class Trial:
-    """One trial: its settings, validation accuracy, noise multiplier, (q, steps) and training time."""
+    """One trial: its settings, private validation score (noisy count of correct predictions over the part's expected
+    size), the score's noise (standard deviation, in predictions), noise multiplier, (q, steps) and training time."""
 
     index: int
     settings: dict
     validation_accuracy: float
+    score_noise: float
     noise_multiplier: float
     sample_rate: float
     steps: int
@@ -159,15 +165,17 @@ def tune(build_model: Callable[[], nn.Module], train_set: TensorDataset, space: 
          on_trial: Callable[[Trial, int], None] | None = None) -> TuningResult:
     """Private selection over ``space`` at a total (``epsilon``, ``delta``) that covers the search.
 
-    ``build_model()`` returns a fresh model per trial; ``train_set`` is private and split (``seed``) into the trials'
-    training part and a ``validation_fraction`` part that scores them (validation accuracy, ties to the earlier
-    trial). K ~ ``count`` (``seed``); each trial's settings and seed are drawn from the same generator. ``base``
-    gives every TrainConfig field the space does not tune. ``spent``: mechanisms already released on the same data
-    (paid from the same budget). ``on_trial(trial, K)`` is called after each trial (progress reports). As for the
-    noise, the guarantee assumes ``seed`` is secret: a known seed reveals K, and the theorem needs K hidden.
+    ``build_model()`` returns a fresh model per trial; ``train_set`` is private and split (``seed``; each record
+    joins the validation part with probability ``validation_fraction``) into the trials' training part and the part
+    that scores them (private validation accuracy, ties to the earlier trial). K ~ ``count`` (``seed``); each
+    trial's settings and seed are drawn from the same generator. ``base`` gives every TrainConfig field the space
+    does not tune. ``spent``: mechanisms already released on the same data (paid from the same budget).
+    ``on_trial(trial, K)`` is called after each trial (progress reports). As for the noise, the guarantee assumes
+    ``seed`` is secret: a known seed reveals K, and the theorem needs K hidden.
     """
     base = base or TrainConfig()
-    train, validation = train_validation_split(train_set, validation_fraction, seed=seed)
+    train, validation = independent_split(train_set, validation_fraction, seed=seed)
+    expected_validation = validation_fraction * len(train_set)  # public: N is, as in every sampling rate q = B/N
     n = len(train)
     if max(space.batch_size) > n:
         raise ValueError(f"the search space's batch sizes {space.batch_size} exceed the {n} training samples left "
@@ -192,11 +200,13 @@ def tune(build_model: Callable[[], nn.Module], train_set: TensorDataset, space: 
         config = replace(base, **settings, epsilon=trial_epsilon, delta=delta, accountant="rdp", seed=trial_seed)
         began = time.perf_counter()
         model = build_model()
-        result, _ = train_private(model, train, validation, config, progress=progress)
+        result, _ = train_private(model, train, None, config, progress=progress)
         if result.noise_multiplier < entry.noise_multiplier or result.steps != entry.steps:
             raise RuntimeError(f"trial {index} ran at sigma={result.noise_multiplier}, {result.steps} steps; the "
                                f"accounting assumed sigma >= {entry.noise_multiplier}, {entry.steps} steps")
-        trial = Trial(index, settings, result.test_accuracy, result.noise_multiplier, entry.sample_rate,
+        score_noise = score_noise_multiplier(HistoryEntry(result.noise_multiplier, entry.sample_rate, result.steps))
+        score = (correct_predictions(model, validation) + rng.normal(0.0, score_noise)) / expected_validation
+        trial = Trial(index, settings, score, score_noise, result.noise_multiplier, entry.sample_rate,
                       result.steps, trial_seed, time.perf_counter() - began)
         trials.append(trial)
         if selected is None or trial.validation_accuracy > trials[selected].validation_accuracy:

@@ -62,7 +62,7 @@ def run(dataset: str, epsilon: float, delta: float, space: SearchSpace, distribu
     base = TrainConfig(noise_strategy=DEFAULTS["noise_strategy"], optimizer=DEFAULTS["optimizer"])
 
     def report(trial, total: int) -> None:
-        print(f"trial {trial.index + 1}/{total}: {trial.settings}: validation accuracy "
+        print(f"trial {trial.index + 1}/{total}: {trial.settings}: private validation accuracy "
               f"{trial.validation_accuracy:.4f} (sigma {trial.noise_multiplier:.3f}, {trial.seconds:.0f} s)", flush=True)
 
     result = tune(lambda: build_model("linear", input_shape, num_classes), train, space, epsilon, delta,
@@ -114,7 +114,7 @@ def run_from_arguments(args: argparse.Namespace) -> int:
     if best is None:
         print("no trial ran (K = 0): nothing is released")
     else:
-        print(f"released trial {best['index'] + 1}: {best['settings']}, validation accuracy "
+        print(f"released trial {best['index'] + 1}: {best['settings']}, private validation accuracy "
               f"{best['validation_accuracy']:.4f}, {record['evaluated_on']} accuracy {record['accuracy']:.4f}")
     print(f"epsilon = {record['epsilon']:.3f} (delta = {args.delta:g}) for the statistics, the search of "
           f"{record['trials']} trials and the release; one trial alone {record['trial_epsilon']:.3f}; naive "

@@ -2,14 +2,17 @@
 
 import gzip
 import importlib.util
+import math
 import pickle
 
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import TensorDataset
 
 from lipdp import datasets
-from lipdp.datasets import DatasetNotFoundError, available_datasets, load_dataset, train_validation_split
+from lipdp.datasets import (DatasetNotFoundError, available_datasets, independent_split, load_dataset,
+                            train_validation_split)
 
 
 @pytest.fixture(autouse=True)
@@ -168,3 +171,22 @@ def test_train_validation_split():
     assert not torch.equal(train_validation_split(train, 0.2, seed=4)[1].tensors[1], val.tensors[1])
     with pytest.raises(ValueError, match="empty"):
         train_validation_split(train, 0.0, seed=0)
+
+
+def test_independent_split_flips_one_public_coin_per_record():
+    """Appending a record (add/remove adjacency) leaves every other record in its part: the parallel composition of
+    the tuning score (docs/design.md §4) rests on it."""
+    index = torch.arange(1000.0).unsqueeze(1)
+    rest, part = independent_split(TensorDataset(index), 0.2, seed=5)
+    assert sorted(torch.cat([rest.tensors[0], part.tensors[0]]).squeeze(1).tolist()) == list(range(1000))
+    assert abs(len(part) - 200) < 5 * 12.65  # Binomial(1000, 0.2): mean 200, sd 12.65
+    _, part_of_more = independent_split(TensorDataset(torch.arange(1001.0).unsqueeze(1)), 0.2, seed=5)
+    common = part_of_more.tensors[0][:, 0]
+    assert torch.equal(common[common < 1000], part.tensors[0][:, 0])
+    shares = [len(independent_split(TensorDataset(index), 0.3, seed=s)[1]) for s in range(40)]
+    assert abs(np.mean(shares) - 300) < 3 * math.sqrt(1000 * 0.3 * 0.7 / 40)
+    for fraction in (0.0, 1.0):
+        with pytest.raises(ValueError, match="Fix:"):
+            independent_split(TensorDataset(index), fraction, seed=0)
+    with pytest.raises(ValueError, match="left a part empty"):
+        independent_split(TensorDataset(index[:1]), 0.5, seed=0)

@@ -11,8 +11,8 @@ import pytest
 
 from accounting.history import HistoryEntry
 from accounting.tuning import (ORDERS, PoissonTrials, TruncatedNegativeBinomial, calibrate_trial_noise,
-                               delta_from_rdp, epsilon_from_rdp, naive_epsilon, scaled_schedules,
-                               single_trial_epsilon, trial_count, trial_rdp, tuned_epsilon)
+                               delta_from_rdp, epsilon_from_rdp, naive_epsilon, scaled_schedules, schedule_rdp,
+                               score_noise_multiplier, single_trial_epsilon, trial_count, trial_rdp, tuned_epsilon)
 from tests.test_cli import assert_one_line_user_error, run
 
 DELTA = 1e-5
@@ -21,6 +21,16 @@ FASHION_LIKE = HistoryEntry(3.0, 4096 / 54000, 520)
 
 
 # -- the accountant ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("entry", [DIGITS_LIKE, FASHION_LIKE, HistoryEntry(0.8, 0.01, 3000)])
+def test_the_score_noise_keeps_its_rdp_under_the_trial_s_at_every_order(entry):
+    """The Gaussian score (sensitivity 1) at sigma_s has RDP lambda / (2 sigma_s^2) <= the training's at every order,
+    with equality at one: a 1% smaller sigma_s would exceed it (the score would then cost epsilon)."""
+    sigma = score_noise_multiplier(entry)
+    orders, training = np.asarray(ORDERS), schedule_rdp(entry)
+    assert np.all(orders / (2 * sigma ** 2) <= training * (1 + 1e-12))
+    assert np.any(orders / (2 * (0.99 * sigma) ** 2) > training)
 
 def test_geometric_case_matches_theorem_2_in_closed_form():
     """η = 1, Q the Gaussian mechanism with ε(λ) = ρλ: Theorem 2's min over λ̂ of (1 − 1/λ̂)ρλ̂ + log(1/γ)/λ̂ is
@@ -220,11 +230,37 @@ def test_the_search_releases_its_best_trial_within_the_budget():
     assert record["trials"] == len(result.trials) and record["best"]["index"] == best.index
 
 
+def test_trials_are_scored_by_a_noisy_count_and_print_no_exact_accuracy(capsys):
+    """The released score is the count of correct validation predictions plus N(0, sigma_s^2) over the part's
+    expected size: not the exact accuracy (a non-private function of the validation records), and no exact
+    accuracy reaches the console (train_private runs without a held-out set)."""
+    from lipdp.datasets import independent_split, load_dataset
+    from lipdp.evaluation import correct_predictions
+    from lipdp.models import orthogonal_mlp
+    from lipdp.tuning import tune
+
+    train = load_dataset("digits").train
+    result = tune(lambda: orthogonal_mlp(64, 10, hidden=(16,)), train, _space(), 3.0, DELTA,
+                  TruncatedNegativeBinomial.with_mean(1.5, 1.0), seed=4, progress=True)
+    printed = capsys.readouterr()
+    assert "accuracy" not in printed.out + printed.err
+    validation = independent_split(train, 0.2, seed=4)[1]
+    best = result.best
+    expected_size = 0.2 * len(train)
+    assert best.score_noise == score_noise_multiplier(HistoryEntry(best.noise_multiplier, best.sample_rate,
+                                                                   best.steps)) > 0
+    noise = best.validation_accuracy * expected_size - correct_predictions(result.model, validation)
+    assert noise != 0 and abs(noise) < 6 * best.score_noise
+
+
 def test_batch_sizes_above_the_training_part_are_refused():
     from lipdp.datasets import load_dataset
     from lipdp.tuning import tune
 
-    with pytest.raises(ValueError, match="Fix: use batch sizes <= 1150"):
+    from lipdp.datasets import independent_split
+
+    left = len(independent_split(load_dataset("digits").train, 0.2, seed=0)[0])
+    with pytest.raises(ValueError, match=f"Fix: use batch sizes <= {left}$"):
         tune(lambda: None, load_dataset("digits").train, _space(batch_size=(2048,)), 3.0, DELTA,
              PoissonTrials(2.0), progress=False)
 

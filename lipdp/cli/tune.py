@@ -13,8 +13,8 @@ DESCRIPTION = ("Private selection (Papernot & Steinke 2022): K ~ a truncated neg
                "K private training runs with settings drawn from a search space centred on the data set's preset, "
                "each scored on a validation split of the training data; the best one is released. --epsilon is the "
                "total, search included. Lists of choices replace the default ones.")
-COVERAGE = ("'epsilon' covers the released trial (model, settings, validation score); the trial count and the "
-            "other trials' scores in 'trial_log' are covered only by 'naive_epsilon'")
+COVERAGE = ("'epsilon' covers the released trial (model, settings, noisy validation score); the trial count and "
+            "the other trials' scores in 'trial_log' are covered only by 'naive_epsilon'")
 
 
 def _clip(text: str) -> float | None:
@@ -78,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
 
     def report(trial, total: int) -> None:
         settings = ", ".join(f"{name}={value}" for name, value in trial.settings.items())
-        print(f"trial {trial.index + 1}/{total}: {settings}: validation accuracy {trial.validation_accuracy:.4f} "
-              f"(sigma {trial.noise_multiplier:.3f}, {trial.steps} steps, {trial.seconds:.1f} s)", flush=True)
+        print(f"trial {trial.index + 1}/{total}: {settings}: private validation accuracy "
+              f"{trial.validation_accuracy:.4f} (sigma {trial.noise_multiplier:.3f}, {trial.steps} steps, {trial.seconds:.1f} s)", flush=True)
 
     print(f"data: {splits.description}")
     print(f"model: orthogonal {kind.upper()} {widths}; search at total ({args.epsilon}, {args.delta})-DP, "
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     if result.best is None:
         print("no trial ran (K = 0): nothing is released")
     else:
-        print(f"selected trial {result.best.index + 1}: {result.best.settings}, validation accuracy "
+        print(f"selected trial {result.best.index + 1}: {result.best.settings}, private validation accuracy "
               f"{result.best.validation_accuracy:.4f}, test accuracy {test_accuracy:.4f} on {len(splits.test)} "
               "held-out samples")
     print(f"epsilon = {result.epsilon:.3f} at delta = {args.delta:g} for the search and its released model "
