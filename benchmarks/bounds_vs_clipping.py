@@ -111,7 +111,8 @@ def render(runs: list[dict], validation: list[dict], threads: set[int], load: li
         bounds, clipping = by_key.get((network, epsilon, "bounds")), by_key.get((network, epsilon, "clipping"))
         if bounds is None or clipping is None:
             continue
-        rows.append([network, f"{bounds['epochs']} x {bounds['batch_size']}", f"{epsilon:g}",
+        model = f"{bounds['kind']} {'/'.join(map(str, bounds['widths']))}"
+        rows.append([network, model, f"{bounds['epochs']} x {bounds['batch_size']}", f"{epsilon:g}",
                      f"{100 * bounds['accuracy']:.2f}",
                      f"{100 * clipping['accuracy']:.2f} (C={clipping['max_grad_norm']:g})",
                      milliseconds(bounds["step_seconds"]), milliseconds(clipping["step_seconds"]),
@@ -128,7 +129,7 @@ def render(runs: list[dict], validation: list[dict], threads: set[int], load: li
         f"epsilon = 3 on a {VALIDATION_FRACTION:g} validation split of the training data among the values tried (validation accuracy: {chosen}); the test split read once per row and side. "
         "Regenerate: `python -m benchmarks.bounds_vs_clipping`.",
         "",
-        table(["network", "epochs x batch", "epsilon", "bounds acc. %", "clipping acc. %", "bounds step", "clipping step",
+        table(["network", "model (widths)", "epochs x batch", "epsilon", "bounds acc. %", "clipping acc. %", "bounds step", "clipping step",
                "clipping/bounds time", "bounds peak RSS", "clipping peak RSS", "1-min load at the end"], rows),
         "",
         machine_paragraph(threads, load),

@@ -50,5 +50,5 @@ def test_bounds_and_clipping_train_the_same_network_on_digits():
     assert runs[0]["noise_multiplier"] == runs[1]["noise_multiplier"]  # same sampling, steps and accountant
     assert runs[0]["steps"] == runs[1]["steps"]
     table = bounds_vs_clipping.render([{**run, "evaluated_on": "test"} for run in runs], runs[1:], {2}, [0.0])
-    assert "| digits-mlp | 30 x 256 | 3 |" in table
+    assert "| digits-mlp | mlp 64 | 30 x 256 | 3 |" in table
     assert "{" not in table and "0.2 validation split" in table  # every placeholder formatted
