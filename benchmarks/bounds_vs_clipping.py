@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 SECTION = "bounds_vs_clipping"
 NETWORKS = {"fashion-mnist-cnn": "fashion-mnist", "digits-mlp": "digits"}
-CLIP_GRID = (0.25, 1.0, 4.0)
+CLIP_GRID = (0.25, 1.0, 2.0, 4.0, 8.0)
 RUNS_DIR = OUT_DIR / SECTION
 VALIDATION_FRACTION = 0.2
 
