@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     def report(trial, total: int) -> None:
         settings = ", ".join(f"{name}={value}" for name, value in trial.settings.items())
         print(f"trial {trial.index + 1}/{total}: {settings}: private validation accuracy "
-              f"{trial.validation_accuracy:.4f} (sigma {trial.noise_multiplier:.3f}, {trial.steps} steps, {trial.seconds:.1f} s)", flush=True)
+              f"{trial.validation_accuracy:.4f} (sigma {trial.noise_multiplier:.3f}, {trial.steps} steps, "
+              f"{trial.seconds:.1f} s)", flush=True)
 
     print(f"data: {splits.description}")
     print(f"model: orthogonal {kind.upper()} {widths}; search at total ({args.epsilon}, {args.delta})-DP, "
