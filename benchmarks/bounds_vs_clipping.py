@@ -53,10 +53,11 @@ def train_one(network: str, epsilon: float, mechanism: str, max_grad_norm: float
         train, held_out = train_validation_split(splits.train, VALIDATION_FRACTION, seed=seed)
     kind, preset = choose_model(splits.name, splits.input_shape)
     torch.manual_seed(seed)
-    model = orthogonal_network(kind, splits.input_shape, splits.num_classes, preset["widths"])
     settings = training_settings(preset)
     settings["batch_size"] = min(settings["batch_size"], len(train))
     config = TrainConfig(**settings, epsilon=epsilon, seed=seed, mechanism=mechanism, max_grad_norm=max_grad_norm)
+    model = orthogonal_network(kind, splits.input_shape, splits.num_classes, preset["widths"],
+                               input_norm_bound=config.input_norm_bound)
     with StepTimer() as timer:
         result, _ = train_private(model, train, held_out, config, progress=False)
     return {"network": network, "kind": kind, "widths": list(preset["widths"]), "epsilon": epsilon,

@@ -26,15 +26,15 @@ from lipdp.presets import TRAIN_PRESETS, train_preset
 logger = logging.getLogger(__name__)
 
 SECTION = "tightness"
-#: kind -> widths: the networks of ``lipdp train --dataset fashion-mnist --model KIND`` (their presets' widths).
-NETWORKS = {kind: tuple(train_preset("fashion-mnist", kind)["widths"]) for kind in ("cnn", "patch")}
+#: kind -> its preset: the networks of ``lipdp train --dataset fashion-mnist --model KIND`` (widths, input bound X0).
+NETWORKS = {kind: train_preset("fashion-mnist", kind) for kind in ("cnn", "patch")}
 TEMPERATURE = 8.0
 LEARNING_RATE = 1e-3
 #: The logit-gradient clip of ``lipdp train``'s Fashion-MNIST preset: the bound the engine uses there.
 PRESET_LOSS_GRAD_CLIP = TRAIN_PRESETS["fashion-mnist"].get("loss_grad_clip")
 
 
-def measure(kind: str, widths: tuple[int, ...], images, labels, train_images, train_labels, steps: int,
+def measure(kind: str, widths: tuple[int, ...], input_norm_bound: float, images, labels, train_images, train_labels, steps: int,
             seed: int, loss_grad_clip: float | None = None) -> list[dict]:
     """Tightness per parameter at initialisation and after ``steps`` plain Adam steps (rows of the table). With
     ``loss_grad_clip`` C, the bounds and the real gradients both have each sample's logit gradient clipped to C."""
@@ -47,7 +47,8 @@ def measure(kind: str, widths: tuple[int, ...], images, labels, train_images, tr
     from lipdp.models import orthogonal_network
 
     torch.manual_seed(seed)
-    model = orthogonal_network(kind, tuple(images.shape[1:]), int(labels.max()) + 1, widths)
+    model = orthogonal_network(kind, tuple(images.shape[1:]), int(labels.max()) + 1, widths,
+                               input_norm_bound=input_norm_bound)
     criterion = LipschitzCrossEntropy(TEMPERATURE)
     rows, done = [], 0
     for target in sorted({0, steps}):
@@ -59,11 +60,11 @@ def measure(kind: str, widths: tuple[int, ...], images, labels, train_images, tr
             criterion(model(train_images[batch]), train_labels[batch]).backward()
             optimizer.step()
             done += 1
-        probe = _copy(model, kind, widths, images, labels)
+        probe = _copy(model, kind, widths, input_norm_bound, images, labels)
         engine = LipDPEngine(seed=seed)
         probe, _, _ = engine.make_private(module=probe, optimizer=torch.optim.SGD(probe.parameters(), lr=0.0),
                                           data_loader=DataLoader(TensorDataset(images, labels), batch_size=len(images)),
-                                          criterion=criterion, noise_multiplier=1.0, input_norm_bound=1.0,
+                                          criterion=criterion, noise_multiplier=1.0, input_norm_bound=input_norm_bound,
                                           loss_grad_clip=loss_grad_clip)
         bounds = engine.current_bounds().sensitivities
         mechanism = engine.mechanism
@@ -84,7 +85,7 @@ def measure(kind: str, widths: tuple[int, ...], images, labels, train_images, tr
         whole = [sum(norms[name][i] ** 2 for name in norms) ** 0.5 for i in range(len(images))]
         total_bound = sum(delta**2 for delta in bounds.values()) ** 0.5
         parameters = sum(weight.numel() for weight in weights.values())
-        rows.append({"network": kind, "widths": list(widths), "parameters": parameters, "steps": target,
+        rows.append({"network": kind, "widths": list(widths), "input_norm_bound": input_norm_bound, "parameters": parameters, "steps": target,
                      "loss_grad_clip": loss_grad_clip,
                      "tightness": {name: statistics.median(values) / bounds[name] for name, values in norms.items()},
                      "layers": {name: _layer_kind(probe, name) for name in norms},
@@ -93,11 +94,12 @@ def measure(kind: str, widths: tuple[int, ...], images, labels, train_images, tr
     return rows
 
 
-def _copy(model, kind: str, widths: tuple[int, ...], images, labels):
+def _copy(model, kind: str, widths: tuple[int, ...], input_norm_bound: float, images, labels):
     """A fresh network of the same kind with ``model``'s weights (the engine's hooks stay off the trained one)."""
     from lipdp.models import orthogonal_network
 
-    probe = orthogonal_network(kind, tuple(images.shape[1:]), int(labels.max()) + 1, widths)
+    probe = orthogonal_network(kind, tuple(images.shape[1:]), int(labels.max()) + 1, widths,
+                               input_norm_bound=input_norm_bound)
     probe.load_state_dict(model.state_dict())
     return probe
 
@@ -120,7 +122,7 @@ def render(rows: list[dict], samples: int) -> str:
     for row in rows:
         cells = ", ".join(f"{name} ({row['layers'][name]}): {value:.2f}" for name, value in row["tightness"].items())
         clip = row.get("loss_grad_clip")
-        lines.append([f"{row['network']} {tuple(row['widths'])}", str(row["parameters"]),
+        lines.append([f"{row['network']} {tuple(row['widths'])}, X0 = {row['input_norm_bound']:g}", str(row["parameters"]),
                       "none" if clip is None else f"{clip:g}", str(row["steps"]), cells, f"{row['whole']:.2f}"])
     return "\n".join([
         f"Median over {samples} real Fashion-MNIST training images of each parameter's real per-sample gradient norm "
@@ -156,8 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for kind in args.networks:
         for clip in dict.fromkeys(args.loss_grad_clips):
-            rows += measure(kind, NETWORKS[kind], images, labels, train_images, train_labels, args.steps, args.seed,
-                            clip or None)
+            preset = NETWORKS[kind]
+            rows += measure(kind, tuple(preset["widths"]), preset.get("input_norm_bound", 1.0), images, labels,
+                            train_images, train_labels, args.steps, args.seed, clip or None)
     write_json(OUT_DIR / f"{SECTION}.json", rows)
     print(f"wrote {write_section(SECTION, render(rows, args.samples), args.results)}")
     return 0

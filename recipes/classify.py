@@ -68,11 +68,13 @@ DEFAULT_FRONT_END = "scattering+fine-scattering+pixels"
 #: The end-to-end heads (pixels -> lipdp's orthogonal CNN or patch CNN) train with ``lipdp train``'s Fashion-MNIST
 #: presets for that network (``lipdp.presets``: length, learning rate, temperature and logit-gradient clip, chosen on
 #: validation, README) and TrainConfig's noise strategy; the linear head's settings do not fit a deep network. The
-#: patch CNN is ``lipdp train --dataset fashion-mnist``'s network.
+#: patch CNN is ``lipdp train --dataset fashion-mnist``'s network. Their input bound stays X0 = 1: the recipe's rows
+#: are rescaled to norm 1 by the front end (``lipdp train`` projects raw images onto a ball of radius 10).
 NETWORK_PRESETS = {head: train_preset("fashion-mnist", head) for head in ("cnn", "patch")}
 HEAD_DEFAULTS = {"linear": {**DEFAULTS, "widths": None},
                  **{head: {**DEFAULTS, "noise_strategy": TrainConfig.noise_strategy, "widths": preset["widths"],
-                           **training_settings(preset)} for head, preset in NETWORK_PRESETS.items()}}
+                           **training_settings(preset), "input_norm_bound": 1.0}
+                    for head, preset in NETWORK_PRESETS.items()}}
 HEADS = tuple(HEAD_DEFAULTS)
 HEAD_FRONT_ENDS = {"linear": DEFAULT_FRONT_END, "cnn": "pixels", "patch": "pixels"}
 RADII = (0.0, 0.05, 0.1, 0.25, 0.5)

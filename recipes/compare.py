@@ -139,7 +139,8 @@ def lipdp_cnn(settings: CompareSettings) -> dict:
         "epochs": settings.epochs, "seed": settings.seed,
         "batch_size": min(settings.lipdp_batch_size or defaults["batch_size"], len(train)),
         "learning_rate": settings.lipdp_learning_rate or defaults["learning_rate"]})
-    model = orthogonal_network(defaults["model"], splits.input_shape, splits.num_classes, defaults["widths"])
+    model = orthogonal_network(defaults["model"], splits.input_shape, splits.num_classes, defaults["widths"],
+                               input_norm_bound=config.input_norm_bound)
     parameters = sum(p.numel() for p in model.parameters())
     result, _ = train_private(model, train, evaluation, config, progress=settings.progress)
     name = {"cnn": "orthogonal CNN", "patch": "orthogonal patch CNN"}[defaults["model"]]

@@ -13,8 +13,10 @@ def test_tightness_is_a_real_ratio_within_the_bound_for_every_parameter():
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(24, 1, 8, 8, generator=generator)
     labels = torch.arange(24) % 3
-    for kind, widths in (("cnn", (4,)), ("patch", (4,))):
-        before, after = tightness.measure(kind, widths, images[:8], labels[:8], images, labels, steps=2, seed=0)
+    for kind, widths, input_norm_bound in (("cnn", (4,), 1.0), ("patch", (4,), 1.0), ("patch", (4,), 4.0)):
+        # X0 = 4: inputs of norm ~4.6 reach the projection's sphere, the bounds scale with X0
+        before, after = tightness.measure(kind, widths, input_norm_bound, images[:8], labels[:8], images, labels,
+                                          steps=2, seed=0)
         assert (before["steps"], after["steps"]) == (0, 2)
         for row in (before, after):
             assert row["tightness"] and set(row["tightness"]) == set(row["layers"])
@@ -30,13 +32,13 @@ def test_tightness_under_a_logit_clip_shrinks_bound_and_gradients_together():
     generator = torch.Generator().manual_seed(1)
     images = torch.rand(16, 1, 8, 8, generator=generator)
     labels = torch.arange(16) % 3
-    (plain,) = tightness.measure("cnn", (4,), images[:8], labels[:8], images, labels, steps=0, seed=0)
-    (clipped,) = tightness.measure("cnn", (4,), images[:8], labels[:8], images, labels, steps=0, seed=0,
+    (plain,) = tightness.measure("cnn", (4,), 1.0, images[:8], labels[:8], images, labels, steps=0, seed=0)
+    (clipped,) = tightness.measure("cnn", (4,), 1.0, images[:8], labels[:8], images, labels, steps=0, seed=0,
                                    loss_grad_clip=0.1)
     assert clipped["total_bound"] == pytest.approx(plain["total_bound"] * 0.1 / 2 ** 0.5, rel=1e-5)
     assert all(0 < value <= 1 + 1e-5 for value in clipped["tightness"].values()), clipped["tightness"]
     assert clipped["whole"] > plain["whole"]  # a clip below the typical logit gradient tightens the bound
-    assert "| cnn (4,) | " in tightness.render([plain, clipped], 8) and "| 0.1 | 0 |" in tightness.render([clipped], 8)
+    assert "| cnn (4,), X0 = 1 | " in tightness.render([plain, clipped], 8) and "| 0.1 | 0 |" in tightness.render([clipped], 8)
 
 
 @pytest.mark.slow

@@ -70,6 +70,21 @@ def test_presets_carry_their_logit_clip_into_the_training_config():
     assert "loss_grad_clip" not in training_settings(TRAIN_PRESETS["digits"])  # TrainConfig's default (none) stays
 
 
+def test_presets_carry_their_input_bound_into_the_config_and_the_network(tmp_path):
+    """The Fashion-MNIST preset's X0 reaches TrainConfig; ``--input-norm-bound`` sets both the config's X0 and the
+    network's input projection (the engine refuses a sample above the bound it is told, so a wider projection
+    would stop the run)."""
+    from lipdp.presets import TRAIN_PRESETS, training_settings
+    from lipdp.training import TrainConfig
+
+    assert TrainConfig(**training_settings(TRAIN_PRESETS["fashion-mnist"])).input_norm_bound == 10.0
+    assert "input_norm_bound" not in training_settings(TRAIN_PRESETS["digits"])  # TrainConfig's X0 = 1 stays
+    out = tmp_path / "run.json"
+    assert lipdp_main(["train", "--dataset", "digits", "--epochs", "1", "--input-norm-bound", "4",
+                       "--json", str(out), "--no-progress"]) == 0
+    assert json.loads(out.read_text())["config"]["input_norm_bound"] == 4.0
+
+
 @pytest.mark.parametrize("flag, expected", [("0", None), ("0.5", 0.5)])
 def test_lipdp_train_logit_clip_flag_zero_turns_the_clip_off(tmp_path, flag, expected):
     out = tmp_path / "run.json"

@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="learning rate of the wrapped optimizer (cosine-annealed)")
     parser.add_argument("--temperature", type=float, default=None,
                         help="cross-entropy temperature tau in CE(tau z)/tau (Lipschitz constant sqrt(2) for any tau)")
+    parser.add_argument("--input-norm-bound", type=float, default=None, metavar="X0",
+                        help="each input is projected onto the L2 ball of this radius by the model's first layer "
+                             "(the gradient bounds scale with it); " + _preset_default("input_norm_bound", "1"))
     parser.add_argument("--model", choices=MODELS, default=None,
                         help="orthogonal CNN (images), patch CNN (images; kernel = stride convolutions, no overlap "
                              "factor in the bounds) or orthogonal MLP on the flattened input; default: the data set's "
@@ -88,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     kind, preset = choose_model(splits.name, splits.input_shape, args.model)
     widths = tuple(args.widths or preset["widths"])
     given = {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.lr,
-             "temperature": args.temperature}
+             "temperature": args.temperature, "input_norm_bound": args.input_norm_bound}
     settings = {**training_settings(preset), **{name: value for name, value in given.items() if value is not None}}
     if args.loss_grad_clip is not None:
         settings["loss_grad_clip"] = args.loss_grad_clip or None  # 0: no clip
@@ -99,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
         max_physical_batch_size=args.physical_batch_size, optimizer=args.optimizer, views=args.views,
         max_shift=args.shift, flip=args.flip, mechanism=args.mechanism, max_grad_norm=args.max_grad_norm,
     )
-    model = orthogonal_network(kind, splits.input_shape, splits.num_classes, widths)
+    model = orthogonal_network(kind, splits.input_shape, splits.num_classes, widths,
+                               input_norm_bound=config.input_norm_bound)
     if not distributed.init_from_env() or distributed.is_main_process():  # under torchrun, rank 0 reports
         print(f"data: {splits.description}")
         parameters = sum(p.numel() for p in model.parameters())

@@ -73,8 +73,12 @@ def run(args: argparse.Namespace) -> int:
     space = replace(space, **{name: tuple(values) for name, values in chosen.items() if values is not None})
     count = trial_count(args.distribution, args.mean_trials, args.shape)
 
+    base = TrainConfig(noise_strategy=args.noise_strategy, optimizer=args.optimizer,
+                       input_norm_bound=preset.get("input_norm_bound", TrainConfig.input_norm_bound))
+
     def build_model():
-        return orthogonal_network(kind, splits.input_shape, splits.num_classes, widths)
+        return orthogonal_network(kind, splits.input_shape, splits.num_classes, widths,
+                                  input_norm_bound=base.input_norm_bound)
 
     def report(trial, total: int) -> None:
         settings = ", ".join(f"{name}={value}" for name, value in trial.settings.items())
@@ -86,7 +90,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"model: orthogonal {kind.upper()} {widths}; search at total ({args.epsilon}, {args.delta})-DP, "
           f"{count.name} trial count with mean {count.mean:g}; {args.validation_fraction:g} of the training split "
           "scores the trials", flush=True)
-    base = TrainConfig(noise_strategy=args.noise_strategy, optimizer=args.optimizer)
     result = tune(build_model, splits.train, space, args.epsilon, args.delta, count, base=base,
                   validation_fraction=args.validation_fraction, seed=args.seed, progress=not args.no_progress,
                   on_trial=report)
