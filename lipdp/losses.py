@@ -26,26 +26,35 @@ def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
 
 
 class LipschitzCrossEntropy(nn.Module):
-    """Cross-entropy at temperature tau, CE(tau z, y) / tau, with optional label smoothing.
+    """Cross-entropy at temperature tau, CE(tau (z + m (1 - e_y)), y) / tau, with optional label smoothing and a
+    margin m >= 0 added to every logit but the true one (Lipschitz-margin training, Tsuzuku, Sato & Sugiyama 2018:
+    the loss keeps pushing until z_y leads the others by about m, the logit margin a certificate needs).
 
-    Gradient in z: softmax(tau z) - q, with q the (smoothed) one-hot target. Both are probability vectors, so
+    Gradient in z: softmax(tau (z + m (1 - e_y))) - q, with q the (smoothed) one-hot target; the margin is a constant
+    shift of the logits, so it changes where the gradient is taken, not its form. Both are probability vectors, so
     ||p - q||^2 = ||p||^2 + ||q||^2 - 2 p.q <= 1 + 1 = 2 (p.q >= 0, ||p||^2 <= (sum p)^2 = 1): L = sqrt(2),
-    whatever tau and the smoothing. A larger tau approaches the multiclass hinge (Bethune et al. 2023).
+    whatever tau, the smoothing and the margin. A larger tau approaches the multiclass hinge (Bethune et al. 2023).
     """
 
-    def __init__(self, temperature: float = 1.0, label_smoothing: float = 0.0, reduction: str = "mean") -> None:
+    def __init__(self, temperature: float = 1.0, label_smoothing: float = 0.0, reduction: str = "mean",
+                 margin: float = 0.0) -> None:
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if not (math.isfinite(margin) and margin >= 0):
+            raise ValueError(f"margin must be a finite number >= 0, got {margin}")
         self.temperature = float(temperature)
         self.label_smoothing = float(label_smoothing)
+        self.margin = float(margin)
         self.reduction = reduction
         self.lipschitz_constant = SQRT2
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """CE(tau z, y) / tau per sample, reduced."""
+        """CE(tau (z + m (1 - e_y)), y) / tau per sample, reduced."""
+        if self.margin:
+            logits = logits + self.margin * (1.0 - F.one_hot(target, logits.shape[-1]).to(logits.dtype))
         values = F.cross_entropy(
             self.temperature * logits, target, reduction="none", label_smoothing=self.label_smoothing
         )

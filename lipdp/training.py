@@ -32,6 +32,7 @@ class TrainConfig:
     batch_size: int = 1024
     learning_rate: float = 1e-2
     temperature: float = 8.0
+    margin: float = 0.0  # logit margin m of the cross-entropy (lipdp.losses.LipschitzCrossEntropy)
     input_norm_bound: float = 1.0
     noise_strategy: str = "global"
     loss_grad_clip: float | None = None
@@ -105,7 +106,7 @@ def train_private(
     torch.manual_seed(config.seed)
     if engine is None:
         engine = LipDPEngine(accountant=config.accountant, seed=config.seed)
-    criterion = LipschitzCrossEntropy(temperature=config.temperature)
+    criterion = LipschitzCrossEntropy(temperature=config.temperature, margin=config.margin)
     optimizer = make_optimizer(config.optimizer, model.parameters(), config.learning_rate)
     model, optimizer, loader = engine.make_private_with_epsilon(
         module=model, optimizer=optimizer, data_loader=DataLoader(train_set, batch_size=config.batch_size),

@@ -86,16 +86,16 @@ MODEL_SETTINGS = {
                        batch_size=classify.DEFAULTS["batch_size"], learning_rate=classify.DEFAULTS["learning_rate"],
                        temperature=classify.DEFAULTS["temperature"], input_norm_bound=1.0, mechanism="bounds",
                        max_grad_norm=None, feature_radius=classify.RADIUS,
-                       loss_grad_clip=classify.DEFAULTS["loss_grad_clip"]),
+                       loss_grad_clip=classify.DEFAULTS["loss_grad_clip"], margin=0.0),
     "patch": dict(model="patch", widths=(4,), epochs=6, batch_size=2048, learning_rate=1e-2, temperature=2.0,
                   input_norm_bound=10.0, mechanism="bounds", max_grad_norm=None, feature_radius=None,
-                  loss_grad_clip=1.0),
+                  loss_grad_clip=1.0, margin=0.0),
     "cnn": dict(model="cnn", widths=(16, 32, 64), epochs=8, batch_size=1024, learning_rate=1e-2, temperature=2.0,
                 input_norm_bound=10.0, mechanism="bounds", max_grad_norm=None, feature_radius=None,
-                loss_grad_clip=None),
+                loss_grad_clip=None, margin=0.0),
     "mlp": dict(model="mlp", widths=(64,), epochs=30, batch_size=256, learning_rate=5e-2, temperature=4.0,
                 input_norm_bound=4.0, mechanism="clipping", max_grad_norm=1.0, feature_radius=None,
-                loss_grad_clip=None),
+                loss_grad_clip=None, margin=0.0),
 }
 MODELS = tuple(MODEL_SETTINGS)
 #: The default model per data set, chosen with ``--validation 0.2`` (seed 0, calibration eps 3) by the smallest
@@ -188,8 +188,8 @@ def run(dataset: str = "fashion-mnist", alpha: float = 0.1, radius: float = 0.25
     ``calibration_size``: a fraction of the training split in (0, 1), or a number of samples. ``validation``: a
     fraction of the training split held out (before calibration is cut) and evaluated instead of the test split, to
     choose settings without reading it. ``model_settings`` (model, widths, epochs, batch_size, learning_rate,
-    temperature, input_norm_bound, mechanism, max_grad_norm, feature_radius, loss_grad_clip) override the data set's
-    model's ``MODEL_SETTINGS`` (the model: ``DEFAULT_MODEL`` of the data set, else ``FALLBACK_MODEL``)."""
+    temperature, input_norm_bound, mechanism, max_grad_norm, feature_radius, loss_grad_clip, margin) override the
+    data set's model's ``MODEL_SETTINGS`` (the model: ``DEFAULT_MODEL`` of the data set, else ``FALLBACK_MODEL``)."""
     unknown = set(model_settings) - set(MODEL_SETTINGS[FALLBACK_MODEL])
     if unknown:
         raise TypeError(f"run() got unexpected settings {sorted(unknown)}")
@@ -228,7 +228,7 @@ def run(dataset: str = "fashion-mnist", alpha: float = 0.1, radius: float = 0.25
     config = TrainConfig(epsilon=epsilon, delta=delta, epochs=epochs, batch_size=min(batch_size, len(train)),
                          learning_rate=learning_rate, temperature=temperature, input_norm_bound=input_norm_bound,
                          mechanism=settings["mechanism"], max_grad_norm=settings["max_grad_norm"], seed=seed,
-                         loss_grad_clip=settings["loss_grad_clip"] or None,
+                         loss_grad_clip=settings["loss_grad_clip"] or None, margin=settings["margin"],
                          **({"noise_strategy": classify.DEFAULTS["noise_strategy"]} if scattering else {}))
     if scattering:
         model, trained, lipschitz = train_scattering_pipeline(train, test, splits.num_classes, config,
@@ -372,6 +372,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--input-norm-bound", type=float, default=None,
                         help="X0: each input is clipped to this L2 norm by the model's first layer (a fixed constant; "
                              "default: the data set's)")
+    parser.add_argument("--margin", type=float, default=None, metavar="M",
+                        help="logit margin of the training cross-entropy (added to every logit but the true one; "
+                             "default: the model's)")
     parser.add_argument("--loss-grad-clip", type=float, default=None, metavar="C",
                         help="clip each sample's logit gradient to this norm (no per-sample work; 0 = none; "
                              "default: the model's)")
@@ -405,7 +408,7 @@ def run_from_arguments(args: argparse.Namespace) -> int:
         learning_rate=args.learning_rate, temperature=args.temperature, input_norm_bound=args.input_norm_bound,
         widths=args.widths and tuple(args.widths), model=args.model, mechanism=args.mechanism,
         max_grad_norm=args.max_grad_norm, feature_radius=args.feature_radius, loss_grad_clip=args.loss_grad_clip,
-        attack_steps=args.attack_steps,
+        margin=args.margin, attack_steps=args.attack_steps,
         seed=args.seed, data_root=args.data_root,
         progress=not args.no_progress, validation=args.validation,
     )

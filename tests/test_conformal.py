@@ -472,5 +472,6 @@ def test_recipe_patch_cnn_is_certified_with_its_logit_clip():
     assert config["input_norm_bound"] == 10.0
     assert 1.0 <= result["lipschitz"] < 1.01
     unclipped = recipe.run(dataset="digits", model="patch", epochs=1, batch_size=256, calibration_size=0.25,
-                           test_size=40, attack_steps=1, loss_grad_clip=0.0, progress=False)
-    assert unclipped["train"]["config"]["loss_grad_clip"] is None
+                           test_size=40, attack_steps=1, loss_grad_clip=0.0, margin=0.5, progress=False)
+    assert unclipped["train"]["config"]["loss_grad_clip"] is None and unclipped["train"]["config"]["margin"] == 0.5
+    assert unclipped["certificate_violations"] == {"non-private": 0, "private": 0}

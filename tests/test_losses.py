@@ -30,6 +30,9 @@ def _losses(k: int) -> dict[str, nn.Module]:
         "LipschitzCrossEntropy(tau=0.1)": LipschitzCrossEntropy(temperature=0.1, reduction="sum"),
         "LipschitzCrossEntropy(tau=10, smoothing=0.2)": LipschitzCrossEntropy(10.0, 0.2, reduction="sum"),
         "LipschitzCrossEntropy(smoothing=0.9)": LipschitzCrossEntropy(label_smoothing=0.9, reduction="sum"),
+        "LipschitzCrossEntropy(tau=2, margin=0.7)": LipschitzCrossEntropy(2.0, reduction="sum", margin=0.7),
+        "LipschitzCrossEntropy(tau=10, smoothing=0.2, margin=5)": LipschitzCrossEntropy(10.0, 0.2, reduction="sum",
+                                                                                       margin=5.0),
         "MulticlassHinge(margin=0.5)": MulticlassHinge(0.5, reduction="sum"),
         "MulticlassHinge(margin=3)": MulticlassHinge(3.0, reduction="sum"),
         "KRLoss": KRLoss(reduction="sum"),
@@ -132,3 +135,21 @@ def test_declared_constant_is_used() -> None:
         lipschitz_constant = 0.75
 
     assert loss_lipschitz(Declared()) == 0.75
+
+
+def test_cross_entropy_margin_shifts_the_other_logits_and_keeps_its_constant() -> None:
+    """margin m: the loss at z is the plain loss at z + m (1 - e_y), so it still pushes a sample whose true logit
+    leads by less than m, and its constant stays sqrt(2), nearly reached; a negative margin is refused."""
+    z = torch.tensor([[0.5, 0.2, -0.1], [0.0, 3.0, 1.0]], dtype=torch.float64)
+    y = torch.tensor([0, 1])
+    shifted = z + 0.7 * (1 - nn.functional.one_hot(y, 3).to(z.dtype))
+    plain, margin = LipschitzCrossEntropy(2.0, reduction="none"), LipschitzCrossEntropy(2.0, reduction="none",
+                                                                                          margin=0.7)
+    assert torch.allclose(margin(z, y), plain(shifted, y))
+    assert (margin(z, y) > plain(z, y)).all()
+    far = torch.tensor([[0.0, 40.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(LipschitzCrossEntropy(reduction="sum", margin=3.0)(far, torch.tensor([0])), far)
+    assert g.norm().item() == pytest.approx(math.sqrt(2), rel=1e-9)
+    assert loss_lipschitz(margin) == pytest.approx(math.sqrt(2))
+    with pytest.raises(ValueError, match="margin"):
+        LipschitzCrossEntropy(margin=-0.1)
