@@ -162,3 +162,22 @@ def test_no_import_cycles_between_modules():
     for name in sorted(graph):
         visit(name, [])
     assert cycles == []
+
+
+def test_bounds_prints_the_table_of_lipdp_trains_network(capsys):
+    """``lipdp bounds``: the preset's network (digits: the orthogonal MLP at X0 = 1); --input-norm-bound scales the
+    bound of the first layer's weight with X0."""
+    from lipdp.cli import main
+
+    tables = []
+    for bound in ("1", "4"):
+        assert main(["bounds", "--dataset", "digits", "--input-norm-bound", bound]) == 0
+        tables.append(capsys.readouterr().out)
+
+    def first_weight_bound(table: str) -> float:
+        rows = [line.split() for line in table.splitlines() if line.split()[:1] and line.split()[0].endswith(".weight")]
+        return float(rows[0][-1])
+
+    # the first layer's weight gradient is delta x^T, its bound sqrt(2) * X0
+    assert first_weight_bound(tables[0]) == pytest.approx(2 ** 0.5, rel=1e-4)
+    assert first_weight_bound(tables[1]) == pytest.approx(4 * 2 ** 0.5, rel=1e-4)

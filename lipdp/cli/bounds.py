@@ -1,31 +1,33 @@
-"""``lipdp bounds``: the certified per-parameter sensitivity table of the default model for a data set."""
+"""``lipdp bounds``: the certified per-parameter sensitivity table of ``lipdp train``'s model for a data set."""
 
 from __future__ import annotations
 
 import argparse
 
-HELP = "print the per-parameter sensitivity table of the default model"
-DESCRIPTION = "Certified per-sample gradient bounds of the default model for a data set."
+HELP = "print the per-parameter sensitivity table of lipdp train's model"
+DESCRIPTION = "Certified per-sample gradient bounds of lipdp train's model (its preset's network) for a data set."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``bounds`` flags."""
     parser.add_argument("--dataset", default="digits", help="data set whose shapes size the model")
     parser.add_argument("--data-root", default=None, help="folder holding the data files")
-    parser.add_argument("--input-norm-bound", type=float, default=1.0, help="bound X0 on each input's L2 norm")
+    parser.add_argument("--input-norm-bound", type=float, default=None,
+                        help="bound X0 on each input's L2 norm (default: the data set's preset, else 1)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Print the model and its bound table (CE's Lipschitz constant sqrt(2))."""
     from lipdp.bounds import analyze
     from lipdp.datasets import load_dataset
-    from lipdp.models import orthogonal_cnn, orthogonal_mlp
+    from lipdp.models import orthogonal_network
+    from lipdp.presets import choose_model
 
     splits = load_dataset(args.dataset, root=args.data_root)
-    if len(splits.input_shape) == 3:
-        model = orthogonal_cnn(splits.input_shape, splits.num_classes)
-    else:
-        model = orthogonal_mlp(splits.input_shape[0], splits.num_classes)
+    kind, preset = choose_model(splits.name, splits.input_shape)
+    input_norm_bound = args.input_norm_bound or preset.get("input_norm_bound", 1.0)
+    model = orthogonal_network(kind, splits.input_shape, splits.num_classes, preset["widths"],
+                               input_norm_bound=input_norm_bound)
     print(model)
-    print(analyze(model, args.input_norm_bound, 2**0.5, splits.input_shape).to_text())
+    print(analyze(model, input_norm_bound, 2**0.5, splits.input_shape).to_text())
     return 0
