@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.report import OUT_DIR, RESULTS, table, write_json, write_section
-from lipdp.presets import TRAIN_PRESETS, train_preset
+from lipdp.presets import TRAIN_PRESETS, input_norm_bound, train_preset
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +34,8 @@ LEARNING_RATE = 1e-3
 PRESET_LOSS_GRAD_CLIP = TRAIN_PRESETS["fashion-mnist"].get("loss_grad_clip")
 
 
-def measure(kind: str, widths: tuple[int, ...], input_norm_bound: float, images, labels, train_images, train_labels, steps: int,
-            seed: int, loss_grad_clip: float | None = None) -> list[dict]:
+def measure(kind: str, widths: tuple[int, ...], x0: float, images, labels, train_images, train_labels,
+            steps: int, seed: int, loss_grad_clip: float | None = None) -> list[dict]:
     """Tightness per parameter at initialisation and after ``steps`` plain Adam steps (rows of the table). With
     ``loss_grad_clip`` C, the bounds and the real gradients both have each sample's logit gradient clipped to C."""
     import torch
@@ -47,8 +47,7 @@ def measure(kind: str, widths: tuple[int, ...], input_norm_bound: float, images,
     from lipdp.models import orthogonal_network
 
     torch.manual_seed(seed)
-    model = orthogonal_network(kind, tuple(images.shape[1:]), int(labels.max()) + 1, widths,
-                               input_norm_bound=input_norm_bound)
+    model = orthogonal_network(kind, tuple(images.shape[1:]), int(labels.max()) + 1, widths, input_norm_bound=x0)
     criterion = LipschitzCrossEntropy(TEMPERATURE)
     rows, done = [], 0
     for target in sorted({0, steps}):
@@ -60,11 +59,11 @@ def measure(kind: str, widths: tuple[int, ...], input_norm_bound: float, images,
             criterion(model(train_images[batch]), train_labels[batch]).backward()
             optimizer.step()
             done += 1
-        probe = _copy(model, kind, widths, input_norm_bound, images, labels)
+        probe = _copy(model, kind, widths, x0, images, labels)
         engine = LipDPEngine(seed=seed)
         probe, _, _ = engine.make_private(module=probe, optimizer=torch.optim.SGD(probe.parameters(), lr=0.0),
                                           data_loader=DataLoader(TensorDataset(images, labels), batch_size=len(images)),
-                                          criterion=criterion, noise_multiplier=1.0, input_norm_bound=input_norm_bound,
+                                          criterion=criterion, noise_multiplier=1.0, input_norm_bound=x0,
                                           loss_grad_clip=loss_grad_clip)
         bounds = engine.current_bounds().sensitivities
         mechanism = engine.mechanism
@@ -85,8 +84,8 @@ def measure(kind: str, widths: tuple[int, ...], input_norm_bound: float, images,
         whole = [sum(norms[name][i] ** 2 for name in norms) ** 0.5 for i in range(len(images))]
         total_bound = sum(delta**2 for delta in bounds.values()) ** 0.5
         parameters = sum(weight.numel() for weight in weights.values())
-        rows.append({"network": kind, "widths": list(widths), "input_norm_bound": input_norm_bound, "parameters": parameters, "steps": target,
-                     "loss_grad_clip": loss_grad_clip,
+        rows.append({"network": kind, "widths": list(widths), "input_norm_bound": x0, "parameters": parameters,
+                     "steps": target, "loss_grad_clip": loss_grad_clip,
                      "tightness": {name: statistics.median(values) / bounds[name] for name, values in norms.items()},
                      "layers": {name: _layer_kind(probe, name) for name in norms},
                      "whole": statistics.median(whole) / total_bound, "total_bound": total_bound})
@@ -94,12 +93,11 @@ def measure(kind: str, widths: tuple[int, ...], input_norm_bound: float, images,
     return rows
 
 
-def _copy(model, kind: str, widths: tuple[int, ...], input_norm_bound: float, images, labels):
+def _copy(model, kind: str, widths: tuple[int, ...], x0: float, images, labels):
     """A fresh network of the same kind with ``model``'s weights (the engine's hooks stay off the trained one)."""
     from lipdp.models import orthogonal_network
 
-    probe = orthogonal_network(kind, tuple(images.shape[1:]), int(labels.max()) + 1, widths,
-                               input_norm_bound=input_norm_bound)
+    probe = orthogonal_network(kind, tuple(images.shape[1:]), int(labels.max()) + 1, widths, input_norm_bound=x0)
     probe.load_state_dict(model.state_dict())
     return probe
 
@@ -122,8 +120,9 @@ def render(rows: list[dict], samples: int) -> str:
     for row in rows:
         cells = ", ".join(f"{name} ({row['layers'][name]}): {value:.2f}" for name, value in row["tightness"].items())
         clip = row.get("loss_grad_clip")
-        lines.append([f"{row['network']} {tuple(row['widths'])}, X0 = {row['input_norm_bound']:g}", str(row["parameters"]),
-                      "none" if clip is None else f"{clip:g}", str(row["steps"]), cells, f"{row['whole']:.2f}"])
+        lines.append([f"{row['network']} {tuple(row['widths'])}, X0 = {row['input_norm_bound']:g}",
+                      str(row["parameters"]), "none" if clip is None else f"{clip:g}", str(row["steps"]), cells,
+                      f"{row['whole']:.2f}"])
     return "\n".join([
         f"Median over {samples} real Fashion-MNIST training images of each parameter's real per-sample gradient norm "
         "(torch.func) over its certified bound Delta; last column: median whole-gradient norm over sqrt(sum Delta^2). "
@@ -159,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind in args.networks:
         for clip in dict.fromkeys(args.loss_grad_clips):
             preset = NETWORKS[kind]
-            rows += measure(kind, tuple(preset["widths"]), preset.get("input_norm_bound", 1.0), images, labels,
+            rows += measure(kind, tuple(preset["widths"]), input_norm_bound(preset), images, labels,
                             train_images, train_labels, args.steps, args.seed, clip or None)
     write_json(OUT_DIR / f"{SECTION}.json", rows)
     print(f"wrote {write_section(SECTION, render(rows, args.samples), args.results)}")

@@ -45,6 +45,11 @@ DEMO_LENGTH = {"fashion-mnist": dict(epochs=10, batch_size=4096), "digits": dict
 TRAINING_KEYS = ("epochs", "batch_size", "learning_rate", "temperature", "loss_grad_clip", "input_norm_bound")
 
 
+def input_norm_bound(preset: dict) -> float:
+    """The X0 a preset's network projects its inputs onto (``InputNormClip``): its own, else TrainConfig's 1."""
+    return preset.get("input_norm_bound", 1.0)
+
+
 def training_settings(preset: dict) -> dict:
     """The ``TrainConfig`` fields a preset sets: ``TrainConfig(**training_settings(preset), ...)``."""
     return {key: preset[key] for key in TRAINING_KEYS if key in preset}

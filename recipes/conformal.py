@@ -68,6 +68,7 @@ from lipdp.datasets import load_dataset, train_validation_split
 from lipdp.engine import LipDPEngine
 from lipdp.evaluation import predict
 from lipdp.models import orthogonal_network
+from lipdp.presets import TRAIN_PRESETS, training_settings
 from lipdp.training import TrainConfig, TrainResult, train_private
 from recipes import classify
 from recipes.front_end import front_end_features, release_preprocessing
@@ -78,7 +79,8 @@ logger = logging.getLogger(__name__)
 #: Each model's settings. ``scattering``: the classification recipe's certified pipeline (its defaults,
 #: recipes.classify.DEFAULTS, with the ``lipschitz`` normalisation), rows divided by ``feature_radius`` c before the
 #: private releases. ``patch``: ``lipdp train``'s Fashion-MNIST network and preset (one stage of 4 patch channels,
-#: X0 = 10, logit clip 1) at tau = 2, which gave smaller robust sets than its tau = 4 (README). ``cnn``: the orthogonal CNN on pixels (the recipe's earlier default). ``mlp``: the orthogonal MLP
+#: X0 = 10, logit clip 1) at tau = 2, which gave smaller robust sets than its tau = 4 (README). ``cnn``: the
+#: orthogonal CNN on pixels (the recipe's earlier default). ``mlp``: the orthogonal MLP
 #: of ``lipdp train``'s digits preset, with X0 = 4 (the images' typical norm is 3.9: X0 = 1 shrank them, and their
 #: margins, ~4x against the radius), tau = 4 and per-sample clipping at C = 1.
 MODEL_SETTINGS = {
@@ -87,9 +89,9 @@ MODEL_SETTINGS = {
                        temperature=classify.DEFAULTS["temperature"], input_norm_bound=1.0, mechanism="bounds",
                        max_grad_norm=None, feature_radius=classify.RADIUS,
                        loss_grad_clip=classify.DEFAULTS["loss_grad_clip"], margin=0.0),
-    "patch": dict(model="patch", widths=(4,), epochs=6, batch_size=2048, learning_rate=1e-2, temperature=2.0,
-                  input_norm_bound=10.0, mechanism="bounds", max_grad_norm=None, feature_radius=None,
-                  loss_grad_clip=1.0, margin=0.0),
+    "patch": dict(model="patch", widths=TRAIN_PRESETS["fashion-mnist"]["widths"],
+                  **training_settings(TRAIN_PRESETS["fashion-mnist"]), mechanism="bounds", max_grad_norm=None,
+                  feature_radius=None, margin=0.0) | dict(temperature=2.0),
     "cnn": dict(model="cnn", widths=(16, 32, 64), epochs=8, batch_size=1024, learning_rate=1e-2, temperature=2.0,
                 input_norm_bound=10.0, mechanism="bounds", max_grad_norm=None, feature_radius=None,
                 loss_grad_clip=None, margin=0.0),

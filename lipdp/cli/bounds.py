@@ -21,13 +21,12 @@ def run(args: argparse.Namespace) -> int:
     from lipdp.bounds import analyze
     from lipdp.datasets import load_dataset
     from lipdp.models import orthogonal_network
-    from lipdp.presets import choose_model
+    from lipdp.presets import choose_model, input_norm_bound
 
     splits = load_dataset(args.dataset, root=args.data_root)
     kind, preset = choose_model(splits.name, splits.input_shape)
-    input_norm_bound = args.input_norm_bound or preset.get("input_norm_bound", 1.0)
-    model = orthogonal_network(kind, splits.input_shape, splits.num_classes, preset["widths"],
-                               input_norm_bound=input_norm_bound)
+    bound = input_norm_bound(preset) if args.input_norm_bound is None else args.input_norm_bound
+    model = orthogonal_network(kind, splits.input_shape, splits.num_classes, preset["widths"], input_norm_bound=bound)
     print(model)
-    print(analyze(model, input_norm_bound, 2**0.5, splits.input_shape).to_text())
+    print(analyze(model, bound, 2**0.5, splits.input_shape).to_text())
     return 0

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from lipdp.datasets import load_dataset
     from lipdp.evaluation import accuracy
     from lipdp.models import orthogonal_network
-    from lipdp.presets import choose_model
+    from lipdp.presets import choose_model, input_norm_bound
     from lipdp.training import TrainConfig
     from lipdp.tuning import SearchSpace, tune
 
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     count = trial_count(args.distribution, args.mean_trials, args.shape)
 
     base = TrainConfig(noise_strategy=args.noise_strategy, optimizer=args.optimizer,
-                       input_norm_bound=preset.get("input_norm_bound", TrainConfig.input_norm_bound))
+                       input_norm_bound=input_norm_bound(preset))
 
     def build_model():
         return orthogonal_network(kind, splits.input_shape, splits.num_classes, widths,
