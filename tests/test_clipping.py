@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lipdp import LipDPEngine
 from lipdp.augment import RandomShift
+from lipdp.clipping import SQUARED_NORM_ERROR, squared_norms
 from lipdp.hooks import RepeatedPassError
 from lipdp.losses import LipschitzCrossEntropy
 from lipdp.models import orthogonal_cnn, orthogonal_mlp
@@ -136,6 +137,25 @@ def test_a_record_contributes_at_most_C_even_at_inputs_that_maximise_its_gradien
     engine, private, _, _ = attach(model, point.repeat(8, 1, 1, 1), y.repeat(8), max_grad_norm)
     sums = lipdp_sums(engine, private, point, y)
     assert sum(v.pow(2).sum() for v in sums.values()).sqrt().item() == pytest.approx(max_grad_norm, rel=1e-5)
+
+
+@pytest.mark.parametrize("columns", [1, 63, 64, 65, 4097, 200_704])
+def test_squared_norms_are_within_their_stated_error_and_the_margin_makes_them_upper_bounds(columns):
+    """Float32 block norms summed in float64 against the exact float64 sum, on rows built to stress the sum: many
+    equal coordinates (rounding accumulates), one coordinate dominating tiny ones, a wide dynamic range, zeros."""
+    generator = torch.Generator().manual_seed(columns)
+    rows = torch.stack([
+        torch.full((columns,), 0.1),
+        torch.cat([torch.tensor([1e3]), torch.full((columns - 1,), 1e-3)]),
+        torch.randn(columns, generator=generator) * torch.logspace(-6, 6, columns),
+        torch.randn(columns, generator=generator),
+        torch.zeros(columns),
+    ])
+    exact = rows.double().pow(2).sum(1)
+    computed = squared_norms(rows)
+    assert ((computed - exact).abs() <= SQUARED_NORM_ERROR * exact).all()
+    assert (computed * (1 + SQUARED_NORM_ERROR) >= exact).all()
+    assert computed[-1] == 0.0
 
 
 def plain_mlp() -> nn.Module:
