@@ -29,19 +29,21 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from lipdp.layers import InputNormClip
+from lipdp.layers import InputNormClip, SampleCentring
 
 NORM_TOLERANCE = 1e-5
 
 
-_RESHAPES = (nn.Flatten, nn.Unflatten, nn.Identity)
+#: Parameter-free maps that may precede the input clip: the clip still bounds every input of a trainable layer.
+_BEFORE_CLIP = (nn.Flatten, nn.Unflatten, nn.Identity, SampleCentring)
 
 
 def _leading_input_clip(model: nn.Module) -> InputNormClip | None:
-    """The ``InputNormClip`` every input passes first (after reshapes only), if the model starts with one."""
+    """The ``InputNormClip`` every input passes first (after reshapes and per-sample centring only), if the model
+    starts with one."""
     module = model
     while isinstance(module, nn.Sequential):
-        children = [child for child in module if not isinstance(child, _RESHAPES)]
+        children = [child for child in module if not isinstance(child, _BEFORE_CLIP)]
         module = children[0] if children else None
     return module if isinstance(module, InputNormClip) else None
 

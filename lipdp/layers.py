@@ -76,6 +76,19 @@ class InputNormClip(NonExpansive):
         return f"bound={self.bound}, mode={self.mode!r}"
 
 
+class SampleCentring(NonExpansive):
+    """Each sample minus its own mean over all its coordinates: h(x) = x - mean(x) 1 = (I - 1 1^T / d) x.
+
+    An orthogonal projection (onto the sum-zero hyperplane), so Lip = 1 and ||h(a)|| <= ||a||; it uses no data
+    but the sample itself, so it costs no privacy. It removes the image's brightness, which the bias-free layers
+    after it would otherwise have to spend their norm budget on.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x - mean(x), the mean over every dimension but the batch's."""
+        return x - x.mean(dim=tuple(range(1, x.dim())), keepdim=True)
+
+
 class GroupSort(NonExpansive):
     """Sorts channels (dim 1) within groups of ``group_size`` (Anil et al. 2019, "Sorting out Lipschitz
     function approximation"). Per input a permutation: Lip = 1 and ||h(a)|| = ||a||; gradient-norm preserving.
@@ -174,4 +187,4 @@ class ConvexResidual(nn.Module):
         return f"alpha={self.alpha}"
 
 
-__all__ = ["NonExpansive", "InputNormClip", "GroupSort", "L2NormPool2d", "GlobalL2Pool2d", "ConvexResidual", "UnsupportedModuleError"]
+__all__ = ["NonExpansive", "InputNormClip", "SampleCentring", "GroupSort", "L2NormPool2d", "GlobalL2Pool2d", "ConvexResidual", "UnsupportedModuleError"]

@@ -39,7 +39,7 @@ from typing import Callable
 import torch
 
 from lipdp.engine import LipDPEngine
-from lipdp.layers import InputNormClip
+from lipdp.layers import InputNormClip, SampleCentring
 from lipdp.scattering import (per_sample_group_standardize, scattering_features, scattering_lipschitz,
                               scattering_transform)
 from lipdp.statistics import ChannelBlock, centre_and_rescale, channel_moments_sensitivity, rescale_rows
@@ -70,15 +70,14 @@ def parse_front_end(front_end: str) -> tuple[str, ...]:
 
 def unit_pixels(images: torch.Tensor) -> torch.Tensor:
     """Each image flattened, centred on its own mean and scaled to norm 1 (per-sample: free in privacy)."""
-    flat = images.flatten(1)
-    flat = flat - flat.mean(dim=1, keepdim=True)
+    flat = centred_pixels(images)
     return flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
 def centred_pixels(images: torch.Tensor) -> torch.Tensor:
-    """Each image flattened and centred on its own mean: x - mean(x) 1, an orthogonal projection (1-Lipschitz)."""
-    flat = images.flatten(1)
-    return flat - flat.mean(dim=1, keepdim=True)
+    """Each image flattened and centred on its own mean: x - mean(x) 1, an orthogonal projection (1-Lipschitz,
+    ``lipdp.layers.SampleCentring``)."""
+    return SampleCentring()(images.flatten(1))
 
 
 def differentiable_scatter(image_shape: tuple[int, int]) -> Scatter:

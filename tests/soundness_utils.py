@@ -20,7 +20,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from lipdp.bounds import is_reparametrized
-from lipdp.layers import ConvexResidual, GlobalL2Pool2d, GroupSort, InputNormClip, L2NormPool2d
+from lipdp.layers import ConvexResidual, GlobalL2Pool2d, GroupSort, InputNormClip, L2NormPool2d, SampleCentring
 
 # Relative tolerance for float error only (ground truth is computed in float64 on the same weights).
 REL_TOL = 1e-5
@@ -299,6 +299,9 @@ def random_architecture(seed: int) -> Architecture:
         else:
             layers.extend(block)
         width = out
+    centring = random.Random(f"centring-{seed}")  # its own stream: the other layers stay those of earlier runs
+    if centring.random() < 0.3:  # per-sample centring anywhere: before the clip (centring raw images) or after
+        layers.insert(centring.randint(0, len(layers)), SampleCentring())
     model = nn.Sequential(*layers)
     if scale:
         x0 = rng.choice([0.1, 1.0, 10.0])  # irrelevant: the scaling layer outputs norm `clip` for any input

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lipdp.audit import ScaledNoise
 from lipdp import LipDPEngine, PrivacyBudgetExceeded
-from lipdp.layers import InputNormClip
+from lipdp.layers import InputNormClip, SampleCentring
 from lipdp.losses import LipschitzCrossEntropy
 from lipdp.models import orthogonal_cnn, orthogonal_mlp
 from lipdp.noise import effective_noise_multiplier
@@ -251,6 +251,19 @@ def test_inputs_above_the_bound_pass_when_the_model_clips_them_after_a_flatten()
     model = orthogonal_mlp(8, 3, hidden=(16,))  # Flatten -> InputNormClip -> ...
     _, model, *_ = private_setup(model)
     assert model(torch.full((2, 8), 10.0)).shape == (2, 3)
+
+
+def test_inputs_above_the_bound_pass_when_the_model_centres_them_then_clips_them():
+    model = nn.Sequential(SampleCentring(), InputNormClip(1.0), nn.Linear(8, 3))  # raw inputs centred, then clipped
+    _, model, *_ = private_setup(model)
+    assert model(torch.arange(16.0).view(2, 8)).shape == (2, 3)
+
+
+def test_centring_without_a_clip_after_it_does_not_excuse_large_inputs():
+    model = nn.Sequential(SampleCentring(), nn.Linear(8, 3))
+    _, model, *_ = private_setup(model)
+    with pytest.raises(ValueError, match="InputNormClip"):
+        model(torch.arange(16.0).view(2, 8))
 
 
 def test_a_clip_layer_wider_than_the_declared_bound_does_not_excuse_large_inputs():

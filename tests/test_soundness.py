@@ -24,7 +24,7 @@ from torch import nn
 
 import lipdp
 from lipdp.bounds import CertifiedNormCache, is_reparametrized
-from lipdp.layers import InputNormClip
+from lipdp.layers import InputNormClip, SampleCentring
 from lipdp.losses import LipschitzCrossEntropy
 from lipdp.models import orthogonal_patch_cnn
 from tests.soundness_utils import (
@@ -123,6 +123,27 @@ def test_patch_cnn(widths, patch_size, depth) -> None:
     check_bounds(model, (2, 8, 8), 1.0, 1.5, 7, f"patch CNN {widths} patch {patch_size} depth {depth}")
 
 
+def test_sample_centring_is_the_orthogonal_projection_it_claims() -> None:
+    """x - mean(x) 1 has Jacobian I - 1 1^T / d: singular values 1 (d - 1 times) and 0, so Lip = 1 and
+    ||h(x)|| <= ||x|` as its bound rule says; gradient ascent on both ratios stays at or below 1."""
+    layer = SampleCentring()
+    assert (layer.lipschitz(), layer.output_bound(2.5), layer.param_sensitivities(1.0, 1.0)) == (1.0, 2.5, {})
+    point = torch.randn(2, 3, 4, dtype=torch.float64)
+    jacobian = torch.func.jacrev(lambda v: layer(v[None])[0])(point).reshape(24, 24)
+    expected = torch.tensor([1.0] * 23 + [0.0], dtype=torch.float64)
+    assert torch.allclose(torch.linalg.svdvals(jacobian), expected, atol=1e-12)
+    a, b = (torch.randn(16, 2, 3, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    optimizer = torch.optim.Adam([a, b], lr=0.05)
+    for _ in range(100):
+        lipschitz_ratio = (layer(a) - layer(b)).flatten(1).norm(dim=1) / (a - b).flatten(1).norm(dim=1)
+        norm_ratio = layer(a).flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1)
+        optimizer.zero_grad()
+        (-(lipschitz_ratio + norm_ratio).sum()).backward()
+        optimizer.step()
+    assert lipschitz_ratio.max().item() <= 1 + 1e-12 and norm_ratio.max().item() <= 1 + 1e-12
+    assert lipschitz_ratio.max().item() > 0.99  # the search reaches the constant: the test can fail
+
+
 def check_bounds(model, shape, x0: float, radius: float, seed: int, description: str, restarts: int = 3,
                  steps: int = 40, norm_cache: CertifiedNormCache | None = None) -> None:
     """No input, output gradient or label the search finds makes a real per-sample gradient (or the output norm,
@@ -214,7 +235,7 @@ def test_generator_covers_every_layer_kind() -> None:
         "groups=1", "bias=True", "bias=False", "dense-bias=True", "dense-bias=False", "dense-on-image",
         "maxpool-ceil", "nested-sequential", "input-clip", "input-scale", "kernel=1", "kernel=2", "kernel=3", "kernel=4",
         "kernel=5", MaxMin.__name__, GroupSort.__name__, "ReLU", L2NormPool2d.__name__, GlobalL2Pool2d.__name__,
-        "MaxPool2d", "Flatten", ConvexResidual.__name__, "Tanh", "LeakyReLU", "Abs",
+        "MaxPool2d", "Flatten", ConvexResidual.__name__, "Tanh", "LeakyReLU", "Abs", "SampleCentring",
     }
     assert expected <= seen, f"not covered: {sorted(expected - seen)}"
 
