@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
+import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -199,6 +200,7 @@ def tune(build_model: Callable[[], nn.Module], train_set: TensorDataset, space: 
         trial_epsilon = PrivacyAccountant("rdp", history=[entry]).epsilon(delta)
         config = replace(base, **settings, epsilon=trial_epsilon, delta=delta, accountant="rdp", seed=trial_seed)
         began = time.perf_counter()
+        torch.manual_seed(trial_seed)  # the trial's initial weights
         model = build_model()
         result, _ = train_private(model, train, None, config, progress=progress)
         if result.noise_multiplier < entry.noise_multiplier or result.steps != entry.steps:

@@ -267,6 +267,7 @@ def run(dataset: str = "fashion-mnist", epsilon: float = 3.0, delta: float = 1e-
     features = private_features(dataset, front_end, head, validation, seed,
                                 settings.get("accountant", TrainConfig.accountant), **preprocessing_settings)
     train, evaluation, preprocessing = features.train, features.evaluation, features.preprocessing
+    torch.manual_seed(seed)  # the head's initial weights
     model = build_model(head, features.input_shape, features.num_classes, widths)
     config = TrainConfig(epsilon=epsilon, delta=delta, seed=seed,
                          batch_size=min(settings.pop("batch_size"), len(train)), **settings)

@@ -128,6 +128,8 @@ def lipdp_cnn(settings: CompareSettings) -> dict:
     """lipdp's end-to-end image network through ``lipdp.training.train_private``: ``lipdp train``'s network and
     settings where they are convolutional (the patch CNN on Fashion-MNIST), else the CNN's
     (``lipdp.presets.image_network_preset``; digits trains an MLP)."""
+    import torch
+
     from lipdp.models import orthogonal_network
     from lipdp.presets import image_network_preset, training_settings
     from lipdp.training import TrainConfig, train_private
@@ -139,6 +141,7 @@ def lipdp_cnn(settings: CompareSettings) -> dict:
         "epochs": settings.epochs, "seed": settings.seed,
         "batch_size": min(settings.lipdp_batch_size or defaults["batch_size"], len(train)),
         "learning_rate": settings.lipdp_learning_rate or defaults["learning_rate"]})
+    torch.manual_seed(settings.seed)  # the model's initial weights
     model = orthogonal_network(defaults["model"], splits.input_shape, splits.num_classes, defaults["widths"],
                                input_norm_bound=config.input_norm_bound)
     parameters = sum(p.numel() for p in model.parameters())

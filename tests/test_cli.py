@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from lipdp.cli.errors import UserError, one_line
 
@@ -181,3 +183,18 @@ def test_bounds_prints_the_table_of_lipdp_trains_network(capsys):
     # the first layer's weight gradient is delta x^T, its bound sqrt(2) * X0
     assert first_weight_bound(tables[0]) == pytest.approx(2 ** 0.5, rel=1e-4)
     assert first_weight_bound(tables[1]) == pytest.approx(4 * 2 ** 0.5, rel=1e-4)
+
+
+def test_train_with_one_seed_gives_the_same_run_twice(tmp_path):
+    """--seed fixes the split, the sampling, the noise and the model's initial weights: two runs in one process (the
+    global generator moved on between them) report the same accuracy."""
+    from lipdp.cli import main
+
+    results = []
+    for run_index in range(2):
+        torch.rand(run_index + 1)  # another state of the global generator before each run
+        out = tmp_path / f"run{run_index}.json"
+        assert main(["train", "--dataset", "digits", "--epochs", "2", "--validation", "0.2", "--seed", "3",
+                     "--no-progress", "--json", str(out)]) == 0
+        results.append(json.loads(out.read_text())["test_accuracy"])
+    assert results[0] == results[1]

@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from accounting.history import HistoryEntry
 from accounting.tuning import (ORDERS, PoissonTrials, TruncatedNegativeBinomial, calibrate_trial_noise,
@@ -228,6 +229,22 @@ def test_the_search_releases_its_best_trial_within_the_budget():
         assert trial.noise_multiplier >= result.planned_noise[key]
     record = json.loads(json.dumps(result.to_dict(), default=str))
     assert record["trials"] == len(result.trials) and record["best"]["index"] == best.index
+
+
+def test_a_search_with_one_seed_is_the_same_search_twice():
+    """The seed fixes every trial's initial weights too (the global generator moved on between the two searches)."""
+    from lipdp.datasets import load_dataset
+    from lipdp.models import orthogonal_mlp
+    from lipdp.tuning import tune
+
+    train = load_dataset("digits").train
+    scores = []
+    for moved in (1, 2):
+        torch.rand(moved)
+        result = tune(lambda: orthogonal_mlp(64, 10, hidden=(16,)), train, _space(), 3.0, DELTA,
+                      TruncatedNegativeBinomial.with_mean(1.5, 1.0), seed=5, progress=False)
+        scores.append([trial.validation_accuracy for trial in result.trials])
+    assert scores[0] == scores[1]
 
 
 def test_trials_are_scored_by_a_noisy_count_and_print_no_exact_accuracy(capsys):

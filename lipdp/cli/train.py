@@ -77,6 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Train with the data set's preset overridden by the flags; print the budget report and the accuracy."""
 
+    import torch
+
     from lipdp import distributed
     from lipdp.datasets import load_dataset, train_validation_split
     from lipdp.models import orthogonal_network
@@ -102,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         max_physical_batch_size=args.physical_batch_size, optimizer=args.optimizer, views=args.views,
         max_shift=args.shift, flip=args.flip, mechanism=args.mechanism, max_grad_norm=args.max_grad_norm,
     )
+    torch.manual_seed(args.seed)  # the model's initial weights: --seed fixes them too
     model = orthogonal_network(kind, splits.input_shape, splits.num_classes, widths,
                                input_norm_bound=config.input_norm_bound)
     if not distributed.init_from_env() or distributed.is_main_process():  # under torchrun, rank 0 reports
