@@ -14,7 +14,7 @@ from typing import Sequence
 from orthogonium.layers import AdaptiveOrthoConv2d, MaxMin, OrthoLinear
 from torch import nn
 
-from lipdp.layers import GlobalL2Pool2d, InputNormClip, L2NormPool2d
+from lipdp.layers import GlobalL2Pool2d, InputNormClip, L2NormPool2d, SampleCentring
 
 
 def orthogonal_cnn(
@@ -53,12 +53,14 @@ def orthogonal_patch_cnn(
     depth: int = 1,
 ) -> nn.Sequential:
     """A network whose trainable layers have no patch-overlap factor in their gradient bounds (docs/design.md §2):
-    stages of [orthogonal patch convolution (kernel = stride = ``patch_size``: each input pixel is read once) ->
-    MaxMin -> ``depth - 1`` x (orthogonal 1x1 convolution -> MaxMin)], then the whole map flattened into an orthogonal
-    dense layer (one position) -> MaxMin -> an orthogonal head. Spatial mixing happens only where patches merge, so
+    each image centred on its own mean (``SampleCentring``: free, +1.0 to +1.3 points of Fashion-MNIST validation
+    accuracy, README) and projected onto the ``input_norm_bound`` ball, then stages of [orthogonal patch convolution
+    (kernel = stride = ``patch_size``: each input pixel is read once) -> MaxMin -> ``depth - 1`` x (orthogonal 1x1
+    convolution -> MaxMin)], then the whole map flattened into an orthogonal dense layer (one position) -> MaxMin ->
+    an orthogonal head. Spatial mixing happens only where patches merge, so
     each weight's certified bound sqrt(m) G X has m = 1."""
     channels, height, width = input_shape
-    layers: list[nn.Module] = [InputNormClip(input_norm_bound)]
+    layers: list[nn.Module] = [SampleCentring(), InputNormClip(input_norm_bound)]
     for out_channels in widths:
         if min(height, width) < patch_size:
             break
