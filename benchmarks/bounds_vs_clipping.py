@@ -16,6 +16,7 @@ by a rerun with the same arguments and preset (the file name carries a hash of t
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
@@ -36,28 +37,44 @@ RUNS_DIR = OUT_DIR / SECTION
 VALIDATION_FRACTION = 0.2
 
 
+def build_network(network: str, seed: int):
+    """The data splits, model kind, preset and freshly initialised model of ``network`` (``lipdp train``'s)."""
+    import torch
+
+    from lipdp.datasets import load_dataset
+    from lipdp.models import orthogonal_network
+    from lipdp.presets import choose_model, input_norm_bound
+
+    splits = load_dataset(NETWORKS[network], seed=seed)
+    kind, preset = choose_model(splits.name, splits.input_shape)
+    torch.manual_seed(seed)
+    model = orthogonal_network(kind, splits.input_shape, splits.num_classes, preset["widths"],
+                               input_norm_bound=input_norm_bound(preset))
+    return splits, kind, preset, model
+
+
+@functools.lru_cache(maxsize=None)
+def kept_run_key(network: str) -> str:
+    """8 hex digits of the preset and of the network's architecture (its repr): a kept run is reused only while
+    both are unchanged."""
+    _, _, preset, model = build_network(network, 0)
+    return hashlib.sha256((json.dumps(preset, sort_keys=True) + repr(model)).encode()).hexdigest()[:8]
+
+
 def train_one(network: str, epsilon: float, mechanism: str, max_grad_norm: float | None, validation: bool,
               seed: int) -> dict:
     """One private run in this process: held-out accuracy, (epsilon, delta), median step time, peak memory."""
-    import torch
-
-    from lipdp.datasets import load_dataset, train_validation_split
-    from lipdp.models import orthogonal_network
-    from lipdp.presets import choose_model, training_settings
+    from lipdp.datasets import train_validation_split
+    from lipdp.presets import training_settings
     from lipdp.training import TrainConfig, train_private
 
-    dataset = NETWORKS[network]
-    splits = load_dataset(dataset, seed=seed)
+    splits, kind, preset, model = build_network(network, seed)
     train, held_out = splits.train, splits.test
     if validation:
         train, held_out = train_validation_split(splits.train, VALIDATION_FRACTION, seed=seed)
-    kind, preset = choose_model(splits.name, splits.input_shape)
-    torch.manual_seed(seed)
     settings = training_settings(preset)
     settings["batch_size"] = min(settings["batch_size"], len(train))
     config = TrainConfig(**settings, epsilon=epsilon, seed=seed, mechanism=mechanism, max_grad_norm=max_grad_norm)
-    model = orthogonal_network(kind, splits.input_shape, splits.num_classes, preset["widths"],
-                               input_norm_bound=config.input_norm_bound)
     with StepTimer() as timer:
         result, _ = train_private(model, train, held_out, config, progress=False)
     return {"network": network, "kind": kind, "widths": list(preset["widths"]), "epsilon": epsilon,
@@ -73,11 +90,9 @@ def run_isolated(network: str, epsilon: float, mechanism: str, max_grad_norm: fl
                  seed: int, kept_only: bool = False) -> dict | None:
     """``train_one`` in a fresh interpreter (its own peak memory). Each finished run is kept in ``RUNS_DIR`` and
     reused by a later invocation with the same arguments (a Fashion-MNIST clipping run takes minutes)."""
-    from lipdp.presets import train_preset
-
     split = "validation" if validation else "test"
-    preset = hashlib.sha256(json.dumps(train_preset(NETWORKS[network]), sort_keys=True).encode()).hexdigest()[:8]
-    kept = RUNS_DIR / f"{network}-eps{epsilon:g}-{mechanism}-C{max_grad_norm}-{split}-seed{seed}-{preset}.json"
+    name = f"{network}-eps{epsilon:g}-{mechanism}-C{max_grad_norm}-{split}-seed{seed}-{kept_run_key(network)}"
+    kept = RUNS_DIR / f"{name}.json"
     if kept.exists():
         return json.loads(kept.read_text())
     if kept_only:
