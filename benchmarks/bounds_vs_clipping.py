@@ -10,7 +10,7 @@ sigma C; ``lipdp.clipping``), with the same sampling, accountant, optimizer, sch
 logit-gradient clip. The clipping norm C is chosen per network at epsilon = 3 on a validation split cut from the
 training data (``CLIP_GRID``); the test split is then read once per (network, epsilon, mechanism). Every run is its own process: the median step time
 (``StepTimer``) and the peak resident memory are its own. Finished runs are kept in ``benchmarks/out/`` and reused
-by a rerun with the same arguments and preset (the file name carries a hash of the preset).
+by a rerun with the same arguments, preset and network (the file name carries a hash of both: ``kept_run_key``).
 """
 
 from __future__ import annotations
@@ -23,12 +23,18 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from benchmarks.harness import ChildFailed, StepTimer, machine_description, peak_rss_bytes, run_child
 from benchmarks.report import OUT_DIR, RESULTS, load_average, machine_paragraph, mebibytes, milliseconds, table, \
     write_json, write_section
 
 logger = logging.getLogger(__name__)
+
+if TYPE_CHECKING:  # annotations only: torch and lipdp are imported where a network is built
+    from torch import nn
+
+    from lipdp.datasets import DatasetSplits
 
 SECTION = "bounds_vs_clipping"
 NETWORKS = {"fashion-mnist-cnn": "fashion-mnist", "digits-mlp": "digits"}
@@ -37,7 +43,7 @@ RUNS_DIR = OUT_DIR / SECTION
 VALIDATION_FRACTION = 0.2
 
 
-def build_network(network: str, seed: int):
+def build_network(network: str, seed: int) -> tuple[DatasetSplits, str, dict, nn.Module]:
     """The data splits, model kind, preset and freshly initialised model of ``network`` (``lipdp train``'s)."""
     import torch
 

@@ -53,7 +53,7 @@ def orthogonal_patch_cnn(
     depth: int = 1,
 ) -> nn.Sequential:
     """A network whose trainable layers have no patch-overlap factor in their gradient bounds (docs/design.md §2):
-    each image centred on its own mean (``SampleCentring``: free, +1.0 to +1.3 points of Fashion-MNIST validation
+    each image centred on its own mean (``SampleCentring``: free, +0.95 to +1.29 points of Fashion-MNIST validation
     accuracy, README) and projected onto the ``input_norm_bound`` ball, then stages of [orthogonal patch convolution
     (kernel = stride = ``patch_size``: each input pixel is read once) -> MaxMin -> ``depth - 1`` x (orthogonal 1x1
     convolution -> MaxMin)], then the whole map flattened into an orthogonal dense layer (one position) -> MaxMin ->
