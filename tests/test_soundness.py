@@ -3,7 +3,7 @@
 For each of ``N_ARCHITECTURES`` random Lipschitz networks (``soundness_utils.random_architecture``: plain
 convolutions and dense layers with random non-orthogonal weights, orthogonium AOC convolutions and
 OrthoLinear, every padding mode / stride / dilation / group setting, MaxMin, GroupSort, ReLU, L2-norm and max
-pooling, residual blocks, nested containers, InputNormClip, nn.Linear on image tensors):
+pooling, residual blocks, nested containers, InputNormClip, SampleCentring, nn.Linear on image tensors):
 
 * ground truth: per-sample gradients of the *materialised* weights, in float64, with torch.func;
 * (a) random inputs on the input sphere and (b) inputs and output gradients optimised by gradient ascent to
@@ -125,7 +125,7 @@ def test_patch_cnn(widths, patch_size, depth) -> None:
 
 def test_sample_centring_is_the_orthogonal_projection_it_claims() -> None:
     """x - mean(x) 1 has Jacobian I - 1 1^T / d: singular values 1 (d - 1 times) and 0, so Lip = 1 and
-    ||h(x)|| <= ||x|` as its bound rule says; gradient ascent on both ratios stays at or below 1."""
+    ||h(x)|| <= ||x|| as its bound rule says; gradient ascent on both ratios stays at or below 1."""
     layer = SampleCentring()
     assert (layer.lipschitz(), layer.output_bound(2.5), layer.param_sensitivities(1.0, 1.0)) == (1.0, 2.5, {})
     point = torch.randn(2, 3, 4, dtype=torch.float64)
