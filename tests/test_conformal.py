@@ -470,4 +470,18 @@ def test_recipe_patch_cnn_is_certified_with_its_logit_clip():
     config = result["train"]["config"]
     assert config["loss_grad_clip"] == recipe.MODEL_SETTINGS["patch"]["loss_grad_clip"] == 1.0
     assert config["input_norm_bound"] == 10.0 and config["margin"] == 0.5
+    assert config["mechanism"] == "clipping" and config["max_grad_norm"] == recipe.MODEL_SETTINGS["patch"][
+        "max_grad_norm"] == 4.0
     assert 1.0 <= result["lipschitz"] < 1.01
+
+
+def test_recipe_patch_cnn_trains_with_the_certified_bounds_when_asked():
+    """``--mechanism bounds`` on the patch CNN, whose default is clipping: its clipping norm is dropped, not refused
+    (the user gave none), and the run is certified the same way."""
+    from recipes import conformal as recipe
+
+    result = recipe.run(dataset="digits", model="patch", mechanism="bounds", epochs=1, batch_size=256,
+                        calibration_size=0.25, test_size=60, attack_steps=2, progress=False)
+    config = result["train"]["config"]
+    assert config["mechanism"] == "bounds" and config["max_grad_norm"] is None
+    assert result["certificate_violations"] == {"non-private": 0, "private": 0}
