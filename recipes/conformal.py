@@ -4,10 +4,14 @@
     python -m recipes.conformal --dataset fashion-mnist --alpha 0.1 --radius 0.25 --epsilon 3
     python -m recipes.conformal --dataset digits --epochs 5 --calibration-size 300 --test-size 300
 
-Data: the training split is cut (fixed seed, fixed sizes) into a private training part and a calibration part of
-``--calibration-size`` samples (a fraction of the training split, default 0.2, or a count); nothing is tuned on the
-test split, which is only used for the report (``--validation F`` holds out a fraction F of the training split first
-and reports on it instead, to choose settings).
+Data (``--calibration-split``, default per data set: ``DEFAULT_CALIBRATION_SPLIT``, else ``evaluated``): the
+calibration part of ``--calibration-size`` samples (a fraction, ``CALIBRATION_FRACTION`` by default, or a count) is
+cut at random (fixed seed) either from the split the report evaluates (``evaluated``: half of the test split; the
+model trains on the whole training split, and calibration and evaluation samples are exchangeable, which is what the
+coverage guarantee assumes) or from the training split (``train``: 0.2 of it; for a small test split such as
+digits'). Nothing is tuned on the test split: the report reads the rest of it once (``--validation F`` holds out a
+fraction F of the training split first and evaluates, and in ``evaluated`` mode calibrates, on it instead, to choose
+settings).
 Model (``--model``, default per data set: ``DEFAULT_MODEL``, else ``FALLBACK_MODEL``): ``patch``, ``lipdp train``'s
 Fashion-MNIST patch CNN on the pixels; ``scattering``, the classification recipe's pipeline with every stage
 certified (scattering front end, private centring and whitening, linear head; its constant is the head's times the
@@ -55,6 +59,7 @@ from lipdp.clipping import MECHANISMS
 from lipdp.cli.errors import ArgumentParser, UserError, run_main
 from lipdp.cli.output import write_json
 from lipdp.conformal import (
+    DEFAULT_GRID_SIZE,
     conformal_quantile,
     coverage,
     default_grid,
@@ -112,14 +117,20 @@ MODELS = tuple(MODEL_SETTINGS)
 #: 5.52, 4 / 4 / clipping 2.53 (C = 0.5: 2.57, C = 2: 2.53), 4 / 2 / clipping 2.79, 2 / 4 / clipping 5.69.
 DEFAULT_MODEL = {"digits": "mlp"}
 FALLBACK_MODEL = "patch"
+#: Where the calibration part is cut (module docstring), and its default fraction of that split. Digits keeps
+#: ``train``: its test split (360 images) halved would leave 180 to calibrate and 180 to evaluate.
+CALIBRATION_SPLITS = ("evaluated", "train")
+CALIBRATION_FRACTION = {"evaluated": 0.5, "train": 0.2}
+DEFAULT_CALIBRATION_SPLIT = {"digits": "train"}
+FALLBACK_CALIBRATION_SPLIT = "evaluated"
 
 
-def calibration_count(size: float, available: int) -> int:
+def calibration_count(size: float, available: int, split: str = "training") -> int:
     """Samples held out for calibration: ``size`` as a fraction of ``available`` if below 1, else as a count; at
-    least 1 and leaving at least 1 to train on."""
+    least 1 and leaving at least 1 of the ``split``'s samples for the other use."""
     count = round(size * available) if 0 < size < 1 else int(size)
     if size <= 0 or (size >= 1 and size != int(size)) or not 1 <= count < available:
-        raise UserError(f"--calibration-size {size:g} does not fit the {available} training samples.",
+        raise UserError(f"--calibration-size {size:g} does not fit the {available} {split} samples.",
                         f"give a fraction in (0, 1), e.g. 0.1, or a count below {available}")
     return count
 
@@ -183,17 +194,21 @@ def _attack(model: nn.Module, statistic: Callable[[torch.Tensor], torch.Tensor],
 
 
 def run(dataset: str = "fashion-mnist", alpha: float = 0.1, radius: float = 0.25, epsilon: float = 3.0,
-        delta: float = 1e-5, calibration_epsilon: float | None = None, calibration_size: float = 0.2,
-        test_size: int | None = None, score: str = "softmax", score_temperature: float | None = None,
-        score_bias: float = 0.0, grid_size: int = 101, attack_steps: int = 10, seed: int = 0,
+        delta: float = 1e-5, calibration_epsilon: float | None = None, calibration_size: float | None = None,
+        calibration_split: str | None = None, test_size: int | None = None, score: str = "softmax",
+        score_temperature: float | None = None, score_bias: float = 0.0, grid_size: int = DEFAULT_GRID_SIZE,
+        attack_steps: int = 10, seed: int = 0,
         data_root: str | None = None, progress: bool = True, validation: float | None = None,
         **model_settings) -> dict:
     """Train privately, calibrate, evaluate; returns every number of the report (see module docstring).
     ``calibration_epsilon``: the threshold's budget (default: ``epsilon``, so that the pair is (epsilon, delta)-DP for
     a person in one part, by parallel composition).
-    ``calibration_size``: a fraction of the training split in (0, 1), or a number of samples. ``validation``: a
+    ``calibration_split``: ``"evaluated"`` or ``"train"``, the split the calibration part is cut from (default: the
+    data set's ``DEFAULT_CALIBRATION_SPLIT``, else ``FALLBACK_CALIBRATION_SPLIT``). ``calibration_size``: a fraction
+    of that split in (0, 1) (default ``CALIBRATION_FRACTION`` of it), or a number of samples. ``validation``: a
     fraction of the training split held out (before calibration is cut) and evaluated instead of the test split, to
-    choose settings without reading it. ``model_settings`` (model, widths, epochs, batch_size, learning_rate,
+    choose settings without reading it. ``test_size``: evaluate a seeded subset of that many of the evaluated
+    samples left after calibration (None: all). ``model_settings`` (model, widths, epochs, batch_size, learning_rate,
     temperature, input_norm_bound, mechanism, max_grad_norm, feature_radius, loss_grad_clip, margin) override the
     data set's model's ``MODEL_SETTINGS`` (the model: ``DEFAULT_MODEL`` of the data set, else ``FALLBACK_MODEL``)."""
     unknown = set(model_settings) - set(MODEL_SETTINGS[FALLBACK_MODEL])
@@ -221,12 +236,22 @@ def run(dataset: str = "fashion-mnist", alpha: float = 0.1, radius: float = 0.25
         raise UserError("--mechanism clipping needs a clipping norm.", "add --max-grad-norm C, e.g. 1")
     epochs, batch_size, learning_rate = settings["epochs"], settings["batch_size"], settings["learning_rate"]
     temperature, input_norm_bound, widths = settings["temperature"], settings["input_norm_bound"], settings["widths"]
+    calibration_split = calibration_split or DEFAULT_CALIBRATION_SPLIT.get(dataset, FALLBACK_CALIBRATION_SPLIT)
+    if calibration_split not in CALIBRATION_SPLITS:
+        raise UserError(f"--calibration-split {calibration_split} is not a split of this recipe.",
+                        f"use one of {', '.join(CALIBRATION_SPLITS)}")
+    calibration_size = CALIBRATION_FRACTION[calibration_split] if calibration_size is None else calibration_size
     splits = load_dataset(dataset, root=data_root, seed=seed)
-    available, evaluated = splits.train, splits.test
+    train, evaluated = splits.train, splits.test
     if validation is not None:
-        available, evaluated = train_validation_split(splits.train, validation, seed=seed + 1)
-    n_calibration = calibration_count(calibration_size, len(available))
-    train, calibration = train_validation_split(available, n_calibration / len(available), seed=seed)
+        train, evaluated = train_validation_split(splits.train, validation, seed=seed + 1)
+    if calibration_split == "train":
+        n_calibration = calibration_count(calibration_size, len(train), "training")
+        train, calibration = train_validation_split(train, n_calibration / len(train), seed=seed)
+    else:
+        n_calibration = calibration_count(calibration_size, len(evaluated),
+                                          "test" if validation is None else "validation")
+        evaluated, calibration = train_validation_split(evaluated, n_calibration / len(evaluated), seed=seed)
     test = _subset(evaluated, test_size, seed)
 
     torch.manual_seed(seed)
@@ -282,6 +307,7 @@ def run(dataset: str = "fashion-mnist", alpha: float = 0.1, radius: float = 0.25
                   for calibration_kind in thresholds}
     return {
         "dataset": dataset, "evaluated": "test" if validation is None else "validation",
+        "calibration_split": calibration_split,
         "certificate_violations": violations, "description": splits.description, "alpha": alpha, "radius": radius,
         "score": repr(conformity), "lipschitz": lipschitz, "logit_radius": rho, "score_lipschitz": conformity.lipschitz,
         "sizes": {"train": len(train), "calibration": len(calibration), "test": len(test)},
@@ -350,18 +376,24 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--calibration-epsilon", type=float, default=None,
                         help="privacy budget of the private calibration threshold (pure eps-DP; default: --epsilon, "
                              "which keeps the headline at eps_train for a person in one part)")
-    parser.add_argument("--calibration-size", type=float, default=0.2,
-                        help="calibration samples held out of the training split (public size n): a fraction in "
-                             "(0, 1) of the split, or a count (default: %(default)s)")
+    parser.add_argument("--calibration-split", choices=CALIBRATION_SPLITS, default=None,
+                        help="where the calibration part is cut: from the evaluated split (the test split, or the "
+                             "--validation part; the model trains on the whole training split) or from the "
+                             "training split; default: train on digits, else evaluated (DEFAULT_CALIBRATION_SPLIT)")
+    parser.add_argument("--calibration-size", type=float, default=None,
+                        help="calibration samples (public size n): a fraction in (0, 1) of --calibration-split, or "
+                             "a count (default: 0.5 of the evaluated split, 0.2 of the training split)")
     parser.add_argument("--test-size", type=int, default=0,
-                        help="test samples evaluated (a seeded subset, to cut the PGD attack's cost); default 0 = all")
+                        help="evaluated samples left after calibration that the report reads (a seeded subset, to "
+                             "cut the PGD attack's cost); default 0 = all")
     parser.add_argument("--score", choices=("softmax", "sigmoid"), default="softmax",
                         help="non-conformity score: 1 - softmax(tau z)_y or 1 - sigmoid(tau z_y - b)")
     parser.add_argument("--score-temperature", type=float, default=None,
                         help="score temperature tau (default: the training temperature)")
     parser.add_argument("--score-bias", type=float, default=0.0, help="bias b of the sigmoid score")
-    parser.add_argument("--grid-size", type=int, default=101,
-                        help="thresholds of the private quantile's grid (a coarser grid needs a smaller rank correction)")
+    parser.add_argument("--grid-size", type=int, default=DEFAULT_GRID_SIZE,
+                        help="thresholds of the private quantile's grid (a coarser grid needs a smaller rank "
+                             "correction; default: %(default)s)")
     parser.add_argument("--model", choices=MODELS, default=None,
                         help="patch CNN, orthogonal CNN or MLP on pixels, or scattering: the classification recipe's "
                              "certified pipeline (certified scattering front end, private centring and whitening, "
@@ -409,7 +441,7 @@ def run_from_arguments(args: argparse.Namespace) -> int:
     result = run(
         dataset=args.dataset, alpha=args.alpha, radius=args.radius, epsilon=args.epsilon, delta=args.delta,
         calibration_epsilon=args.calibration_epsilon, calibration_size=args.calibration_size,
-        test_size=args.test_size or None, score=args.score, score_temperature=args.score_temperature,
+        calibration_split=args.calibration_split, test_size=args.test_size or None, score=args.score, score_temperature=args.score_temperature,
         score_bias=args.score_bias, grid_size=args.grid_size, epochs=args.epochs, batch_size=args.batch_size,
         learning_rate=args.learning_rate, temperature=args.temperature, input_norm_bound=args.input_norm_bound,
         widths=args.widths and tuple(args.widths), model=args.model, mechanism=args.mechanism,

@@ -411,6 +411,46 @@ def test_recipe_validation_split_leaves_the_test_split_unread_and_clipping_train
     assert result["certificate_violations"] == {"non-private": 0, "private": 0}
 
 
+@pytest.mark.parametrize("validation", [None, 0.25])
+def test_recipe_calibrates_on_half_the_evaluated_split_and_trains_on_the_whole_training_split(validation):
+    """``calibration_split="evaluated"`` (the default off digits): the calibration part is cut from the split the
+    report evaluates (the test split, or the validation part), by default half of it; the model trains on all the
+    rest of the training split, and the report reads only the evaluated samples left after calibration."""
+    from lipdp.datasets import load_dataset
+    from recipes import conformal as recipe
+
+    splits = load_dataset("digits", seed=0)
+    result = recipe.run(dataset="digits", calibration_split="evaluated", validation=validation, epochs=1,
+                        attack_steps=1, progress=False)
+    held_out = len(splits.test) if validation is None else round(validation * len(splits.train))
+    assert result["calibration_split"] == "evaluated"
+    assert result["sizes"] == {"train": len(splits.train) - (0 if validation is None else held_out),
+                               "calibration": round(0.5 * held_out), "test": held_out - round(0.5 * held_out)}
+    assert result["evaluated"] == ("test" if validation is None else "validation")
+    assert result["certificate_violations"] == {"non-private": 0, "private": 0}
+
+
+def test_recipe_defaults_calibrate_on_the_test_split_except_on_digits():
+    from recipes import conformal as recipe
+
+    for dataset in ("fashion-mnist", "mnist"):
+        assert recipe.DEFAULT_CALIBRATION_SPLIT.get(dataset, recipe.FALLBACK_CALIBRATION_SPLIT) == "evaluated"
+    assert recipe.DEFAULT_CALIBRATION_SPLIT["digits"] == "train"
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(calibration_split="test"), "not a split of this recipe"),
+    (dict(calibration_split="evaluated", calibration_size=400), "does not fit the 360 test samples"),
+    (dict(calibration_split="train", calibration_size=1.5), "does not fit the 1437 training samples"),
+])
+def test_recipe_refuses_a_calibration_part_it_cannot_cut(settings, message):
+    from lipdp.cli.errors import UserError
+    from recipes import conformal as recipe
+
+    with pytest.raises(UserError, match=message):
+        recipe.run(dataset="digits", epochs=1, progress=False, **settings)
+
+
 @pytest.mark.parametrize("fraction", [0.0, 1.0, 1.5])
 def test_recipe_refuses_a_validation_that_is_not_a_fraction(fraction):
     from lipdp.cli.errors import UserError
