@@ -119,13 +119,13 @@ DEFAULT_MODEL = {"digits": "mlp"}
 FALLBACK_MODEL = "patch"
 #: Where the calibration part is cut (module docstring), and its default fraction of that split. Digits keeps
 #: ``train``: its test split (360 images) halved would leave 180 to calibrate and 180 to evaluate.
-CALIBRATION_SPLITS = ("evaluated", "train")
 CALIBRATION_FRACTION = {"evaluated": 0.5, "train": 0.2}
+CALIBRATION_SPLITS = tuple(CALIBRATION_FRACTION)
 DEFAULT_CALIBRATION_SPLIT = {"digits": "train"}
 FALLBACK_CALIBRATION_SPLIT = "evaluated"
 
 
-def calibration_count(size: float, available: int, split: str = "training") -> int:
+def calibration_count(size: float, available: int, split: str) -> int:
     """Samples held out for calibration: ``size`` as a fraction of ``available`` if below 1, else as a count; at
     least 1 and leaving at least 1 of the ``split``'s samples for the other use."""
     count = round(size * available) if 0 < size < 1 else int(size)
@@ -382,7 +382,8 @@ def build_parser() -> ArgumentParser:
                              "training split; default: train on digits, else evaluated (DEFAULT_CALIBRATION_SPLIT)")
     parser.add_argument("--calibration-size", type=float, default=None,
                         help="calibration samples (public size n): a fraction in (0, 1) of --calibration-split, or "
-                             "a count (default: 0.5 of the evaluated split, 0.2 of the training split)")
+                             "a count (default: "
+                             + ", ".join(f"{f:g} of {split}" for split, f in CALIBRATION_FRACTION.items()) + ")")
     parser.add_argument("--test-size", type=int, default=0,
                         help="evaluated samples left after calibration that the report reads (a seeded subset, to "
                              "cut the PGD attack's cost); default 0 = all")

@@ -25,7 +25,8 @@ from lipdp.conformal.private_quantile import (
 from lipdp.conformal.scores import ScoreBounds, SigmoidScore, SoftmaxScore, logit_radius, make_score
 
 __all__ = [
-    "DEFAULT_GRID_SIZE", "PrivateQuantile", "PrivateTarget", "ScoreBounds", "SigmoidScore", "SoftmaxScore", "conformal_quantile",
-    "conformal_rank", "corrected_target", "coverage", "default_grid", "logit_radius", "make_score", "mean_set_size",
-    "prediction_sets", "private_conformal_quantile", "private_target", "true_label_scores",
+    "DEFAULT_GRID_SIZE", "PrivateQuantile", "PrivateTarget", "ScoreBounds", "SigmoidScore", "SoftmaxScore",
+    "conformal_quantile", "conformal_rank", "corrected_target", "coverage", "default_grid", "logit_radius",
+    "make_score", "mean_set_size", "prediction_sets", "private_conformal_quantile", "private_target",
+    "true_label_scores",
 ]
