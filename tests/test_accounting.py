@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -168,6 +169,32 @@ def test_two_phase_prv_equals_prv_accountant_by_hand():
     assert accountant.epsilon_bounds(DELTA) == pytest.approx(by_hand, rel=1e-12)
     # composition is exact, not the last phase extended to the whole run
     assert abs(two_phase("prv", [(2.0, 0.02, 500)]).epsilon(DELTA) - accountant.epsilon(DELTA)) > 0.05
+
+
+@pytest.mark.parametrize("sigma, q, steps", [(1.35, 512 / 1437, 3), (0.6, 0.36, 30), (SIGMA, Q, T), (5.0, 0.5, 20),
+                                           (0.3, 0.1, 1000)])
+def test_prv_truncation_bound_and_epsilon_match_the_library_s_own(sigma, q, steps):
+    """The PRV grid's truncation bound L (Remark 5.6 at ``guess.ORDERS``, 73 orders) against prv_accountant's own
+    (its 150 orders), and the ε bounds with it against ``PRVAccountant`` left to size its grid itself."""
+    from prv_accountant import PoissonSubsampledGaussianMechanism, PRVAccountant
+    from prv_accountant.accountant import compute_safe_domain_size
+
+    from accounting.guess import safe_half_width
+    from accounting.history import Composition, HistoryEntry
+
+    prvs = [PoissonSubsampledGaussianMechanism(sampling_probability=q, noise_multiplier=sigma)]
+    composition = Composition.of([HistoryEntry(sigma, q, steps)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        library = compute_safe_domain_size(prvs, [steps], eps_error=0.01, delta_error=DELTA / 1000)
+    assert safe_half_width(composition, 0.01, DELTA / 1000) == pytest.approx(library, rel=0.01)
+    if sigma < 0.5:
+        return  # ε ≈ 506: prv-accountant's own numerics fail there (test_large_epsilon_falls_back_to_opacus)
+    accountant = PrivacyAccountant("prv")
+    accountant.step(sigma, q, steps)
+    by_hand = PRVAccountant(prvs=prvs, max_self_compositions=[steps], eps_error=0.01,
+                            delta_error=DELTA / 1000).compute_epsilon(DELTA, [steps])
+    assert accountant.epsilon_bounds(DELTA) == pytest.approx(by_hand, rel=1e-6)  # eps_error is 0.01
 
 
 def test_composition_ignores_order_and_splits():

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from typing import ClassVar, TypeVar
 
+from accounting import guess
 from accounting.backends.base import AccountingError, AccountingResult, EpsilonEvaluator
 from accounting.history import Composition
 from accounting.validation import check_positive
@@ -61,7 +62,7 @@ class _PRVImplementation(abc.ABC):
 @dataclass(frozen=True)
 class _Grid:
     """The discretisation grid: mesh ``eps_error / sqrt(T/2 · log(12/delta_error))`` (Theorem 5.5) on a
-    domain covering [-L, L] (L: the safe truncation bound of Remark 5.6, as computed by the library).
+    domain covering [-L, L] (L: the safe truncation bound of Remark 5.6, ``accounting.guess.safe_half_width``).
 
     ``half_width`` widens L to the next half-mesh point at which the libraries' aligned domain
     (``Domain.create_aligned``: [-m·dt, (m+1)·dt], 2m+2 points, m = ceil(L/dt)) has an even FFT-friendly
@@ -95,15 +96,14 @@ class _PrvAccountantImpl(_PRVImplementation):
 
     def __init__(self, composition: Composition, eps_error: float, delta_error: float):
         from prv_accountant import PoissonSubsampledGaussianMechanism, PRVAccountant
-        from prv_accountant.accountant import compute_safe_domain_size
 
         self.method = f"prv-accountant {version('prv-accountant')}"
         prvs = [PoissonSubsampledGaussianMechanism(sampling_probability=m.sample_rate,
                                                    noise_multiplier=m.noise_multiplier)
                 for m in composition.mechanisms]
-        grid = _Grid.covering(compute_safe_domain_size(prvs, composition.counts, eps_error, delta_error),
-                              eps_error, delta_error, composition.total_steps)
-        # eps_max sets the truncation bound L (instead of PRVAccountant computing the same safe L itself)
+        grid = _Grid.covering(guess.safe_half_width(composition, eps_error, delta_error), eps_error, delta_error,
+                              composition.total_steps)
+        # eps_max sets the truncation bound L (instead of PRVAccountant computing a safe L itself, more slowly)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Assuming that true epsilon", category=UserWarning)
             self._accountant = PRVAccountant(prvs=prvs, max_self_compositions=list(composition.counts),
@@ -128,9 +128,8 @@ class _OpacusImpl(_PRVImplementation):
         self._compose = opacus_prv.compose_heterogeneous
         prvs = [opacus_prv.PoissonSubsampledGaussianPRV(m.sample_rate, m.noise_multiplier)
                 for m in composition.mechanisms]
-        safe_half_width = opacus_prv.compute_safe_domain_size(
-            prvs=prvs, max_self_compositions=list(composition.counts), eps_error=eps_error, delta_error=delta_error)
-        grid = _Grid.covering(safe_half_width, eps_error, delta_error, composition.total_steps)
+        grid = _Grid.covering(guess.safe_half_width(composition, eps_error, delta_error), eps_error, delta_error,
+                              composition.total_steps)
         domain = opacus_prv.Domain.create_aligned(-grid.half_width, grid.half_width, grid.mesh)
         self._dprvs = [opacus_prv.discretize(opacus_prv.TruncatedPrivacyRandomVariable(p, domain.t_min, domain.t_max),
                                              domain)
