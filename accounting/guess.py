@@ -25,7 +25,8 @@ from accounting.history import Composition, Mechanism
 from accounting.search import shrink_bracket
 
 
-#: RDP orders α of the cheap bounds (module docstring).
+#: RDP orders α of the cheap bounds (module docstring). Not ``accounting.tuning.ORDERS``: that set holds nine
+#: fractional orders (slower here) and none below 1.25 (the large-ε truncation bound needs 1.05 and 1.1).
 ORDERS = (1.05, 1.1, 1.25, 1.5, 1.75, *range(2, 65), 80, 96, 128, 192, 256)
 
 
