@@ -5,6 +5,11 @@ Case: σ = 1.1, q = 256/60000, δ = 1e-5 (docs/design.md §4). The 10⁵-step hi
 the accounting itself; each is reported as wall and CPU seconds of this process (compare CPU on a
 shared machine). Writes ``benchmarks/out/accounting_speed.json`` and prints a table.
 
+Then the PRV grid's truncation bound (Remark 5.6) at the sample rates of lipdp's presets: prv-accountant's
+``compute_safe_domain_size`` (150 RDP orders) against ``accounting.guess.safe_half_width`` (73), side by side,
+median of ``--repeats`` calls each (curve cache cleared before each), with the ratio of the two bounds; and the
+first ``calibrate_noise`` of each preset with the prv backend.
+
     python benchmarks/accounting_speed.py [--backends prv rdp pld] [--steps 100000]
 """
 
@@ -26,6 +31,14 @@ from lipdp.cli.output import write_json  # noqa: E402
 SIGMA, Q, DELTA = 1.1, 256 / 60000, 1e-5
 CALIBRATION = {"target_epsilon": 3.0, "epochs": 15}  # 3516 steps
 OUT = Path(__file__).resolve().parent / "out" / "accounting_speed.json"
+#: name -> (sample rate q, epochs, σ of the truncation-bound case): lipdp's presets at ε = 3 (σ as calibrated).
+PRESETS = {
+    "digits B = 512, 1 epoch": (512 / 1437, 1, 1.3488),
+    "digits B = 256, 30 epochs": (256 / 1437, 30, 3.3974),
+    "fashion-mnist B = 2048, 12 epochs": (2048 / 60000, 12, 1.1909),
+    "fashion-mnist B = 4096, 20 epochs": (4096 / 60000, 20, 1.8499),
+}
+EPS_ERROR, DELTA_ERROR = 0.01, DELTA / 1000  # the PRV backend's defaults
 
 
 def timed(call) -> tuple:
@@ -58,6 +71,46 @@ def measure(backend: str, steps: int) -> dict:
             "max_additional_steps": extra, "max_additional_steps_time": max_steps_time}
 
 
+def truncation_bounds(repeats: int) -> dict:
+    """Per preset: both truncation bounds, their median wall times, and the first calibration's time."""
+    import statistics
+    import warnings
+
+    from prv_accountant import PoissonSubsampledGaussianMechanism
+    from prv_accountant.accountant import compute_safe_domain_size
+
+    from accounting import guess
+    from accounting.history import Composition, HistoryEntry
+
+    rows = {}
+    for name, (q, epochs, sigma) in PRESETS.items():
+        steps = accounting.steps_for_epochs(epochs, q)
+        composition = Composition.of([HistoryEntry(sigma, q, steps)])
+        prvs = [PoissonSubsampledGaussianMechanism(q, sigma)]
+
+        def library() -> float:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                return compute_safe_domain_size(prvs, [steps], EPS_ERROR, DELTA_ERROR)
+
+        def ours() -> float:
+            guess._rdp.cache_clear()  # time the curves, not the cache
+            return guess.safe_half_width(composition, EPS_ERROR, DELTA_ERROR)
+
+        times = {"library": [], "ours": []}
+        for _ in range(repeats):
+            for key, call in (("library", library), ("ours", ours)):
+                _, t = timed(call)
+                times[key].append(t["wall"])
+        guess._rdp.cache_clear()
+        sigma_calibrated, calibration = timed(lambda: calibrate_noise(3.0, DELTA, q, epochs=epochs))
+        rows[name] = {"sample_rate": q, "steps": steps, "noise_multiplier": sigma, "library_bound": library(),
+                      "bound": ours(), "library_seconds": statistics.median(times["library"]),
+                      "seconds": statistics.median(times["ours"]), "calibrated_sigma": sigma_calibrated,
+                      "calibrate_time": calibration}
+    return rows
+
+
 def _times(t: dict) -> str:
     return f"{t['wall']:.2f} / {t['cpu']:.2f}"
 
@@ -67,6 +120,7 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", choices=list(accounting.BACKENDS),
                         default=accounting.available_backends(), help="backends to time (default: all installed)")
     parser.add_argument("--steps", type=int, default=100_000, help="history length T (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="calls per truncation bound (default: %(default)s)")
     args = parser.parse_args()
 
     results: dict = {
@@ -80,6 +134,8 @@ def main() -> None:
         warm_up(backend)
         results["backends"][backend] = measure(backend, args.steps)
 
+    results["truncation_bounds"] = truncation_bounds(args.repeats)
+
     OUT.parent.mkdir(parents=True, exist_ok=True)
     write_json(OUT, results)
     print(f"σ={SIGMA}, q={Q:.6g}, δ={DELTA:g}; calibration: ε <= {CALIBRATION['target_epsilon']} in "
@@ -91,6 +147,14 @@ def main() -> None:
         print(f"{backend:8} {_times(r['step_calls']):>14}  {r['epsilon']:>7.4f}  {_times(r['epsilon_time']):>13}  "
               f"{r['calibrated_sigma']:>7.4f}  {_times(r['calibrate_time']):>13}  {r['max_additional_steps']:>6d}  "
               f"{_times(r['max_additional_steps_time']):>13}")
+    print(f"\nPRV truncation bound L (Remark 5.6), median of {args.repeats}: prv-accountant's (150 orders) / "
+          "accounting.guess's (73); first calibrate_noise(ε = 3) with prv")
+    print(f"{'preset':34} {'L library':>9} {'L ours':>8} {'ratio':>6} {'s library':>9} {'s ours':>7}  {'σ':>7}  "
+          f"{'calibrate':>13}")
+    for name, r in results["truncation_bounds"].items():
+        print(f"{name:34} {r['library_bound']:>9.3f} {r['bound']:>8.3f} {r['bound'] / r['library_bound']:>6.3f} "
+              f"{r['library_seconds']:>9.3f} {r['seconds']:>7.3f}  {r['calibrated_sigma']:>7.4f}  "
+              f"{_times(r['calibrate_time']):>13}")
     print(f"wrote {OUT}")
 
 
