@@ -18,7 +18,7 @@ from lipdp.engine import LipDPEngine
 from recipes import classify, compare
 from recipes.front_end import release_preprocessing
 from recipes.opacus_baseline import OpacusConfig, groupnorm_cnn, train_opacus
-from tests.test_cli import assert_one_line_user_error, run
+from tests.test_cli import assert_one_line_user_error, run_in_process
 
 
 @pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 32, 32)])
@@ -96,7 +96,7 @@ def test_each_opacus_model_has_its_own_hyper_parameters():
 
 
 def test_an_unknown_opacus_model_is_one_line():
-    result = run("-m", "recipes.compare", "--opacus-model", "resnet", timeout=60)
+    result = run_in_process("recipes.compare", "--opacus-model", "resnet")
     assert_one_line_user_error(result, "python -m recipes.compare", "--opacus-model", "resnet", "classify-linear")
 
 

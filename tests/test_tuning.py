@@ -14,7 +14,7 @@ from accounting.history import HistoryEntry
 from accounting.tuning import (ORDERS, PoissonTrials, TruncatedNegativeBinomial, calibrate_trial_noise,
                                delta_from_rdp, epsilon_from_rdp, naive_epsilon, scaled_schedules, schedule_rdp,
                                score_noise_multiplier, single_trial_epsilon, trial_count, trial_rdp, tuned_epsilon)
-from tests.test_cli import assert_one_line_user_error, run
+from tests.test_cli import assert_one_line_user_error, run_in_process
 
 DELTA = 1e-5
 DIGITS_LIKE = HistoryEntry(4.0, 256 / 1150, 120)
@@ -283,16 +283,16 @@ def test_batch_sizes_above_the_training_part_are_refused():
 
 
 def test_cli_mistakes_are_one_line():
-    assert_one_line_user_error(run("-m", "lipdp.cli", "tune", "--mean-trials", "1"), "lipdp tune", "mean")
-    assert_one_line_user_error(run("-m", "lipdp.cli", "tune", "--lr", "-1", "--epochs", "1"), "lipdp tune",
+    assert_one_line_user_error(run_in_process("lipdp.cli", "tune", "--mean-trials", "1"), "lipdp tune", "mean")
+    assert_one_line_user_error(run_in_process("lipdp.cli", "tune", "--lr", "-1", "--epochs", "1"), "lipdp tune",
                                "learning_rate")
 
 
 @pytest.mark.slow
 def test_lipdp_tune_on_digits_end_to_end(tmp_path):
     path = tmp_path / "tune.json"
-    result = run("-m", "lipdp.cli", "tune", "--dataset", "digits", "--epsilon", "3", "--json", str(path),
-                 "--epochs", "3", "6", "--mean-trials", "2", "--no-progress", timeout=600)
+    result = run_in_process("lipdp.cli", "tune", "--dataset", "digits", "--epsilon", "3", "--json", str(path),
+                            "--epochs", "3", "6", "--mean-trials", "2", "--no-progress")
     assert result.returncode == 0, result.stderr
     record = json.loads(path.read_text())
     assert record["epsilon"] <= 3.0 and record["trials"] >= 1
