@@ -177,7 +177,7 @@ RESUME_SCRIPT = textwrap.dedent("""
     from lipdp import LipDPEngine
     from lipdp.losses import LipschitzCrossEntropy
     from lipdp.models import orthogonal_mlp
-    mode, path, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    mode, path, steps, save_at = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     torch.manual_seed(0)
     x = torch.randn(64, 8); x = x / x.norm(dim=1, keepdim=True); y = torch.randint(0, 3, (64,))
     model = orthogonal_mlp(8, 3, hidden=(16,))
@@ -192,9 +192,8 @@ RESUME_SCRIPT = textwrap.dedent("""
     while done < steps:
         for xb, yb in loader:
             opt.zero_grad(); criterion(model(xb), yb).backward(); opt.step(); done += 1
+            if mode == "full" and done == save_at: engine.save_checkpoint(path)  # saving must not perturb the run
             if done == steps: break
-    if mode == "first":
-        engine.save_checkpoint(path)
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])
     print(json.dumps({"params": flat.tolist(), "eps": engine.get_epsilon(1e-5), "steps": engine.accountant.total_steps}))
 """)
@@ -208,9 +207,8 @@ def test_checkpoint_resumed_in_new_process_is_bit_identical(tmp_path):
         out = subprocess.run([sys.executable, "-c", RESUME_SCRIPT, *args], capture_output=True, text=True, check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    full = run("full", str(tmp_path / "unused.pt"), "8")
-    run("first", str(tmp_path / "ckpt.pt"), "4")
-    resumed = run("resume", str(tmp_path / "ckpt.pt"), "4")
+    full = run("full", str(tmp_path / "ckpt.pt"), "8", "4")  # 8 steps, checkpointed after the 4th
+    resumed = run("resume", str(tmp_path / "ckpt.pt"), "4", "0")
     assert resumed["params"] == full["params"]
     assert resumed["steps"] == full["steps"] == 8
     assert resumed["eps"] == pytest.approx(full["eps"], rel=1e-12)

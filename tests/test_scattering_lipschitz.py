@@ -28,7 +28,9 @@ def _weighted(shape: tuple[int, int], J: int, weights: torch.Tensor | None):
 
 
 def _ratio(scatter, x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    return (scatter(x + step) - scatter(x)).flatten(1).norm(dim=1) / step.flatten(1).norm(dim=1)
+    """||S(x + step) - S(x)|| / ||step|| per pair (both ends in one batch: one transform call, not two)."""
+    moved, start = scatter(torch.cat([x + step, x])).chunk(2)
+    return (moved - start).flatten(1).norm(dim=1) / step.flatten(1).norm(dim=1)
 
 
 def _ascent(scatter, shape: tuple[int, int], steps: int, seed: int = 0) -> float:
