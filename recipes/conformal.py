@@ -95,16 +95,16 @@ MODEL_SETTINGS = {
                        batch_size=classify.DEFAULTS["batch_size"], learning_rate=classify.DEFAULTS["learning_rate"],
                        temperature=classify.DEFAULTS["temperature"], input_norm_bound=1.0, mechanism="bounds",
                        max_grad_norm=None, feature_radius=classify.RADIUS,
-                       loss_grad_clip=classify.DEFAULTS["loss_grad_clip"], margin=0.0),
+                       loss_grad_clip=classify.DEFAULTS["loss_grad_clip"], margin=0.0, weight_averaging=None),
     "patch": dict(model="patch", widths=TRAIN_PRESETS["fashion-mnist"]["widths"],
                   **training_settings(TRAIN_PRESETS["fashion-mnist"]), mechanism="clipping", max_grad_norm=4.0,
-                  feature_radius=None, margin=0.0) | dict(temperature=2.0, epochs=12),
+                  feature_radius=None, margin=0.0, weight_averaging=None) | dict(temperature=2.0, epochs=12),
     "cnn": dict(model="cnn", widths=(16, 32, 64), epochs=8, batch_size=1024, learning_rate=1e-2, temperature=2.0,
                 input_norm_bound=10.0, mechanism="bounds", max_grad_norm=None, feature_radius=None,
-                loss_grad_clip=None, margin=0.0),
+                loss_grad_clip=None, margin=0.0, weight_averaging=None),
     "mlp": dict(model="mlp", widths=(64,), epochs=30, batch_size=256, learning_rate=5e-2, temperature=4.0,
                 input_norm_bound=4.0, mechanism="clipping", max_grad_norm=1.0, feature_radius=None,
-                loss_grad_clip=None, margin=0.0),
+                loss_grad_clip=None, margin=0.0, weight_averaging=None),
 }
 MODELS = tuple(MODEL_SETTINGS)
 #: The default model per data set, chosen with ``--validation 0.2`` (seed 0, calibration eps 3) by the smallest
@@ -209,7 +209,8 @@ def run(dataset: str = "fashion-mnist", alpha: float = 0.1, radius: float = 0.25
     fraction of the training split held out (before calibration is cut) and evaluated instead of the test split, to
     choose settings without reading it. ``test_size``: evaluate a seeded subset of that many of the evaluated
     samples left after calibration (None: all). ``model_settings`` (model, widths, epochs, batch_size, learning_rate,
-    temperature, input_norm_bound, mechanism, max_grad_norm, feature_radius, loss_grad_clip, margin) override the
+    temperature, input_norm_bound, mechanism, max_grad_norm, feature_radius, loss_grad_clip, margin,
+    weight_averaging) override the
     data set's model's ``MODEL_SETTINGS`` (the model: ``DEFAULT_MODEL`` of the data set, else ``FALLBACK_MODEL``)."""
     unknown = set(model_settings) - set(MODEL_SETTINGS[FALLBACK_MODEL])
     if unknown:
@@ -260,6 +261,7 @@ def run(dataset: str = "fashion-mnist", alpha: float = 0.1, radius: float = 0.25
                          learning_rate=learning_rate, temperature=temperature, input_norm_bound=input_norm_bound,
                          mechanism=settings["mechanism"], max_grad_norm=settings["max_grad_norm"], seed=seed,
                          loss_grad_clip=settings["loss_grad_clip"] or None, margin=settings["margin"],
+                         weight_averaging=settings["weight_averaging"],
                          **({"noise_strategy": classify.DEFAULTS["noise_strategy"]} if scattering else {}))
     if scattering:
         model, trained, lipschitz = train_scattering_pipeline(train, test, splits.num_classes, config,
@@ -414,6 +416,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--margin", type=float, default=None, metavar="M",
                         help="logit margin of the training cross-entropy (added to every logit but the true one; "
                              "default: the model's)")
+    parser.add_argument("--weight-averaging", type=float, default=None, metavar="DECAY",
+                        help="release the EMA of the iterates with this decay, e.g. 0.9 (post-processing: no "
+                             "privacy cost; default: the model's, none)")
     parser.add_argument("--loss-grad-clip", type=float, default=None, metavar="C",
                         help="clip each sample's logit gradient to this norm (no per-sample work; 0 = none; "
                              "default: the model's)")
@@ -447,7 +452,7 @@ def run_from_arguments(args: argparse.Namespace) -> int:
         learning_rate=args.learning_rate, temperature=args.temperature, input_norm_bound=args.input_norm_bound,
         widths=args.widths and tuple(args.widths), model=args.model, mechanism=args.mechanism,
         max_grad_norm=args.max_grad_norm, feature_radius=args.feature_radius, loss_grad_clip=args.loss_grad_clip,
-        margin=args.margin, attack_steps=args.attack_steps,
+        margin=args.margin, weight_averaging=args.weight_averaging, attack_steps=args.attack_steps,
         seed=args.seed, data_root=args.data_root,
         progress=not args.no_progress, validation=args.validation,
     )

@@ -505,11 +505,11 @@ def test_recipe_patch_cnn_is_certified_with_its_logit_clip():
     from recipes import conformal as recipe
 
     result = recipe.run(dataset="digits", model="patch", epochs=1, batch_size=256, calibration_size=0.25,
-                        test_size=60, attack_steps=2, margin=0.5, progress=False)
+                        test_size=60, attack_steps=2, margin=0.5, weight_averaging=0.9, progress=False)
     assert result["certificate_violations"] == {"non-private": 0, "private": 0}
     config = result["train"]["config"]
     assert config["loss_grad_clip"] == recipe.MODEL_SETTINGS["patch"]["loss_grad_clip"] == 1.0
-    assert config["input_norm_bound"] == 10.0 and config["margin"] == 0.5
+    assert config["input_norm_bound"] == 10.0 and config["margin"] == 0.5 and config["weight_averaging"] == 0.9
     assert config["mechanism"] == "clipping" and config["max_grad_norm"] == recipe.MODEL_SETTINGS["patch"][
         "max_grad_norm"] == 4.0
     assert 1.0 <= result["lipschitz"] < 1.01
