@@ -97,15 +97,15 @@ def truncation_bounds(repeats: int) -> dict:
             guess._rdp.cache_clear()  # time the curves, not the cache
             return guess.safe_half_width(composition, EPS_ERROR, DELTA_ERROR)
 
-        times = {"library": [], "ours": []}
+        bounds, times = {}, {"library": [], "ours": []}
         for _ in range(repeats):
             for key, call in (("library", library), ("ours", ours)):
-                _, t = timed(call)
+                bounds[key], t = timed(call)
                 times[key].append(t["wall"])
         guess._rdp.cache_clear()
         sigma_calibrated, calibration = timed(lambda: calibrate_noise(3.0, DELTA, q, epochs=epochs))
-        rows[name] = {"sample_rate": q, "steps": steps, "noise_multiplier": sigma, "library_bound": library(),
-                      "bound": ours(), "library_seconds": statistics.median(times["library"]),
+        rows[name] = {"sample_rate": q, "steps": steps, "noise_multiplier": sigma, "library_bound": bounds["library"],
+                      "bound": bounds["ours"], "library_seconds": statistics.median(times["library"]),
                       "seconds": statistics.median(times["ours"]), "calibrated_sigma": sigma_calibrated,
                       "calibrate_time": calibration}
     return rows
