@@ -24,7 +24,8 @@ class WeightAverage:
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"weight averaging decay must be in [0, 1), got {decay}")
+            raise ValueError(f"weight averaging decay must be in [0, 1), got {decay}. Fix: give a decay such as 0.9 "
+                             "(--weight-averaging), or none to release the last iterate")
         self.model, self.decay = model, float(decay)
         self.average = {name: p.detach().clone() for name, p in model.named_parameters()}
 

@@ -525,3 +525,12 @@ def test_recipe_patch_cnn_trains_with_the_certified_bounds_when_asked():
     config = result["train"]["config"]
     assert config["mechanism"] == "bounds" and config["max_grad_norm"] is None
     assert result["certificate_violations"] == {"non-private": 0, "private": 0}
+
+
+def test_a_weight_averaging_decay_outside_0_1_is_one_line():
+    from tests.test_cli import assert_one_line_user_error, run_in_process
+
+    result = run_in_process("recipes.conformal", "--dataset", "digits", "--epochs", "1", "--weight-averaging", "1.5",
+                            "--no-progress")
+    assert_one_line_user_error(result, "python -m recipes.conformal", "decay must be in [0, 1), got 1.5",
+                               "--weight-averaging")
