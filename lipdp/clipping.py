@@ -26,9 +26,11 @@ from typing import Iterable
 
 import torch
 from torch import nn
+from torch.autograd import Variable
 from torch.func import functional_call, grad, vmap
 
 from lipdp.hooks import in_public_block
+from lipdp.layer_gradients import clipped_sums, layer_rows, record_norm_bounds, supported
 from lipdp.reparametrization import MaterializedWeights
 
 MECHANISMS = ("bounds", "clipping")
@@ -44,6 +46,10 @@ NORM_BLOCK = 64
 #: block), ~3.9e-6 for b = 64; the float64 sum over blocks adds < 1e-12. 2^-17 ~ 7.6e-6 covers both.
 SQUARED_NORM_ERROR = 2.0**-17
 
+#: The layer path's factors C / bound are shrunk by this much more, so that rounding them to float32 (2^-24)
+#: cannot lift a record above C.
+LAYER_FACTOR_MARGIN = 2.0**-20
+
 
 def squared_norms(rows: torch.Tensor) -> torch.Tensor:
     """||v_r||^2 of each row r (leading dimension), in float64, computed as float32 norms of NORM_BLOCK-coordinate
@@ -54,6 +60,25 @@ def squared_norms(rows: torch.Tensor) -> torch.Tensor:
     blocks = torch.linalg.vector_norm(flat[:, :whole].reshape(flat.shape[0], -1, NORM_BLOCK), dim=-1)
     tail = torch.linalg.vector_norm(flat[:, whole:], dim=1)
     return blocks.double().pow(2).sum(1) + tail.double().pow(2)
+
+
+def _layer_keys(model: nn.Module, materialized: MaterializedWeights, plain: dict[str, nn.Parameter]
+                ) -> dict[nn.Module, tuple[str, str | None]] | None:
+    """Each dense / conv layer -> the mechanism's keys of its weight and bias (None: no trainable bias), if those
+    layers hold every trainable tensor; else None (the torch.func replay handles the model)."""
+    materialized_keys = {module: key for key, module in materialized.modules.items()}
+    layers, covered = {}, set()
+    for path, module in model.named_modules():
+        if not supported(module):
+            continue
+        prefix = f"{path}." if path else ""
+        weight = materialized_keys.get(module) or (f"{prefix}weight" if f"{prefix}weight" in plain else None)
+        bias = f"{prefix}bias" if f"{prefix}bias" in plain else None
+        if weight is None:
+            continue  # a frozen weight: its bias, if trainable, is left to the replay
+        layers[module] = (weight, bias)
+        covered.update(key for key in (weight, bias) if key is not None)
+    return layers if covered == set(plain) | set(materialized.modules) else None
 
 
 class _HookFree(nn.Module):
@@ -103,9 +128,23 @@ class PerRowGradients:
         return vmap(grad(inner_product), in_dims=(None, 0, 0))(weights, inputs, grad_outputs)
 
 
+class _Pass:
+    """One training forward's captures: each dense/conv layer's input and, once the backward reaches it, its output
+    gradient (``lipdp.layer_gradients``)."""
+
+    def __init__(self) -> None:
+        self.layers: list[list] = []  # [module, input, output gradient or None, id of the output]
+
+
 class PerSampleClipping:
     """Accumulates sum_i clip_C(grad(x_i)) over the step's backward passes, keyed like the mechanism's gradients
-    (plain parameter names, and ``path.weight`` for materialised weights)."""
+    (plain parameter names, and ``path.weight`` for materialised weights).
+
+    Where every trainable tensor is the weight or bias of a dense or one-group convolution layer (the orthogonal
+    networks), each record's gradient comes from the rows the training pass computed (``lipdp.layer_gradients``:
+    no replay; measured 4-5x faster a step on the patch CNN, benchmarks/RESULTS.md); otherwise, or for a pass
+    where a layer ran twice, from the torch.func replay (``PerRowGradients``). Either way the clipped records are
+    the exact gradients of the captured rows, within the stated float margins."""
 
     def __init__(self, model: nn.Module, materialized: MaterializedWeights, plain: dict[str, nn.Parameter],
                  max_grad_norm: float, views: int = 1) -> None:
@@ -113,19 +152,49 @@ class PerSampleClipping:
         self.views = views
         self.row_gradients = PerRowGradients(model, materialized, plain)
         self.sums: dict[str, torch.Tensor] = {}
-        self.handle = model.register_forward_hook(self._capture)
+        self.layers = _layer_keys(model, materialized, plain)
+        self._pass: _Pass | None = None
+        self.handles = [model.register_forward_hook(self._capture)]
+        if self.layers is not None:
+            self.handles.append(model.register_forward_pre_hook(self._begin))
+            self.handles += [module.register_forward_hook(self._capture_layer) for module in self.layers]
+
+    def _begin(self, module: nn.Module, args: tuple) -> None:
+        self._pass = _Pass() if torch.is_grad_enabled() else None
+
+    def _capture_layer(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if self._pass is not None and isinstance(output, torch.Tensor) and output.requires_grad:
+            entry = [module, args[0].detach(), None, id(output)]
+            self._pass.layers.append(entry)
+            output.register_hook(lambda grad_output: entry.__setitem__(2, grad_output.detach()))
 
     def _capture(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        captured, self._pass = self._pass, None
         if isinstance(output, torch.Tensor) and output.requires_grad:
             inputs, views = args[0].detach(), (1 if in_public_block() else self.views)
             weights = self.row_gradients.weights()
-            output.register_hook(lambda grad_output: self._accumulate(weights, inputs, grad_output, views))
+
+            # A layer whose output is the model's saw its gradient before the output fix (its hook came first).
+            last = [entry for entry in (captured.layers if captured else []) if entry[3] == id(output)]
+
+            def on_gradient(grad_output: torch.Tensor) -> None:
+                for entry in last:
+                    entry[2] = grad_output.detach()
+                # The other layers' output gradients arrive later in this backward: clip once it has finished.
+                Variable._execution_engine.queue_callback(
+                    lambda: self._accumulate(weights, inputs, grad_output, views, captured))
+
+            output.register_hook(on_gradient)
 
     def _accumulate(self, weights: dict[str, torch.Tensor], inputs: torch.Tensor, grad_outputs: torch.Tensor,
-                    views: int) -> None:
+                    views: int, captured: _Pass | None) -> None:
         """Add sum over this pass's records of clip_C(sum of the record's view rows' gradients)."""
         rows = inputs.shape[0]
         if rows == 0:
+            return
+        layers = self._layer_rows(captured, rows)
+        if layers:
+            self._accumulate_layers(layers, views)
             return
         records = rows // views
         size = sum(weight.numel() for weight in weights.values())
@@ -142,8 +211,45 @@ class PerSampleClipping:
             squares = sum(squared_norms(value) for value in per_record.values()) * (1.0 + SQUARED_NORM_ERROR)
             factors = (self.max_grad_norm / squares.sqrt().clamp_min(1e-300)).clamp(max=1.0)
             for name, value in per_record.items():
-                clipped = torch.tensordot(factors.to(value.dtype), value, dims=1)
-                self.sums[name] = self.sums[name] + clipped if name in self.sums else clipped
+                self._add(name, torch.tensordot(factors.to(value.dtype), value, dims=1))
+
+    def _layer_rows(self, captured: _Pass | None, rows: int) -> list | None:
+        """[(module, input, output gradient)] of every layer the backward reached in this pass, or None when the
+        replay must do it: no captures, a layer run twice, or rows that do not match."""
+        if captured is None or len({id(entry[0]) for entry in captured.layers}) != len(captured.layers):
+            return None
+        layers = [tuple(entry[:3]) for entry in captured.layers if entry[2] is not None]
+        if any(inputs.shape[0] != rows or layer_rows(module, inputs[:1], grad[:1]) is None
+               for module, inputs, grad in layers):
+            return None
+        return layers
+
+    def _accumulate_layers(self, layers: list, views: int) -> None:
+        """The layer path (class docstring), in chunks of records: each chunk's norms over every layer, factors,
+        then its clipped sums."""
+        records = layers[0][1].shape[0] // views if layers else 0
+        width = max(layer_rows(module, inputs[:1], grad[:1])[0].shape[1] * (inputs[0].numel() + grad[0].numel())
+                    for module, inputs, grad in layers) if layers else 1
+        chunk = max(1, CHUNK_ELEMENTS // max(1, width * views))
+        for start in range(0, records, chunk):
+            # View-major rows (lipdp.augment.make_views): record j's views are rows k * records + j.
+            index = (torch.arange(start, min(start + chunk, records))[None, :]
+                     + records * torch.arange(views)[:, None]).flatten()
+            parts = [(module, *layer_rows(module, inputs[index], grad[index])) for module, inputs, grad in layers]
+            squares = sum(record_norm_bounds(a, g, views, self.layers[module][1] is not None)
+                          for module, a, g in parts)
+            # LAYER_FACTOR_MARGIN: rounding the factors to float32 (2^-24) cannot lift a record above C.
+            factors = (self.max_grad_norm / (squares.sqrt().clamp_min(1e-300) * (1.0 + LAYER_FACTOR_MARGIN))
+                       ).clamp(max=1.0)
+            for module, a, g in parts:
+                weight_key, bias_key = self.layers[module]
+                weight, bias = clipped_sums(module, a, g, factors, views)
+                self._add(weight_key, weight)
+                if bias_key is not None:
+                    self._add(bias_key, bias)
+
+    def _add(self, name: str, clipped: torch.Tensor) -> None:
+        self.sums[name] = self.sums[name] + clipped if name in self.sums else clipped
 
     def gradients(self, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The clipped sums, keyed and shaped as ``like`` (zeros where no record reached a tensor)."""

@@ -199,7 +199,7 @@ class LipDPEngine:
             if clip_norm is not None:  # registered after the output fix: it sees the fixed output gradient
                 clipping = PerSampleClipping(module, materialized, self.mechanism.plan.plain_parameters(),
                                              clip_norm, views=views)
-                self._hooks.append(clipping.handle)
+                self._hooks.extend(clipping.handles)
                 self.mechanism.clipping = clipping
         except BaseException:  # leave the user's model as it was
             materialized.detach_from()

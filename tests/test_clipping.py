@@ -10,6 +10,7 @@ as the certified mechanism; misuse is refused.
 from __future__ import annotations
 
 import copy
+from fractions import Fraction
 
 import pytest
 import torch
@@ -19,10 +20,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lipdp import LipDPEngine
 from lipdp.augment import RandomShift
-from lipdp.clipping import SQUARED_NORM_ERROR, squared_norms
+from lipdp.clipping import SQUARED_NORM_ERROR, PerSampleClipping, squared_norms
+from lipdp.layer_gradients import record_norm_bounds
 from lipdp.hooks import RepeatedPassError
 from lipdp.losses import LipschitzCrossEntropy
-from lipdp.models import orthogonal_cnn, orthogonal_mlp
+from lipdp.reparametrization import MaterializedWeights
+from lipdp.models import orthogonal_cnn, orthogonal_mlp, orthogonal_patch_cnn
 from tests.soundness_utils import materialize, random_architecture
 
 CRITERION = LipschitzCrossEntropy(temperature=8.0)
@@ -82,13 +85,17 @@ def assert_close(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
 
 
 def models():
-    for seed in range(6):
+    # Seed 9 rescales its inputs onto a sphere of radius 2 > X0 = 1 (InputNormClip mode "scale"): the engine refuses
+    # it before any gradient, which is not what this test is about.
+    for seed in [seed for seed in range(16) if seed != 9]:
         architecture = random_architecture(seed)
         yield f"random{seed}", copy.deepcopy(architecture.model), architecture.input_shape, architecture.input_radius, \
             architecture.input_norm_bound
     torch.manual_seed(0)
     yield "orthogonal_cnn", orthogonal_cnn((1, 8, 8), 3, widths=(4, 8)), (1, 8, 8), 1.0, 1.0
     yield "orthogonal_mlp", orthogonal_mlp(12, 3, hidden=(16,)), (12,), 1.0, 1.0
+    yield "orthogonal_patch_cnn", orthogonal_patch_cnn((1, 8, 8), 3, widths=(4, 8), dense_width=16, depth=2), \
+        (1, 8, 8), 1.0, 1.0
 
 
 @pytest.mark.parametrize("name, model, shape, radius, bound", list(models()), ids=lambda v: v if isinstance(v, str) else "")
@@ -240,3 +247,71 @@ def test_misuse_of_the_mechanism_arguments_is_refused(kwargs, error, match):
         LipDPEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                                    data_loader=DataLoader(TensorDataset(x, y), batch_size=8), criterion=CRITERION,
                                    noise_multiplier=1.0, input_norm_bound=1.0, **kwargs)
+
+
+def test_the_orthogonal_networks_clip_from_their_layers_rows_and_other_models_by_the_replay():
+    """The layer path (lipdp.layer_gradients) covers models whose trainable tensors all sit in dense / one-group
+    conv layers; a grouped convolution sends the model to the torch.func replay. Both match the ground truth
+    (test_clipped_sums_match_torch_func_ground_truth runs random models of both kinds)."""
+    x, y = at_norm_bound(8, (1, 8, 8), 1.0), torch.arange(8) % 3
+    torch.manual_seed(0)
+    for model in (orthogonal_cnn((1, 8, 8), 3, widths=(4,)), orthogonal_patch_cnn((1, 8, 8), 3, widths=(4,)),
+                  orthogonal_mlp(64, 3, hidden=(8,))):
+        engine, _, _, _ = attach(model, x, y, 1.0)
+        assert engine.mechanism.clipping.layers is not None
+    grouped = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(64, 3))
+    truth = clipped_sum(record_gradients(grouped, x, y), 0.1)
+    engine, private, _, _ = attach(grouped, x, y, 0.1)
+    assert engine.mechanism.clipping.layers is None
+    assert_close(lipdp_sums(engine, private, x, y), truth)
+
+
+def test_a_layer_run_twice_in_one_forward_is_clipped_by_the_replay():
+    """The engine refuses a shared layer (the bound analysis cannot bound it), but the clipper does not rely on that:
+    a pass where a layer ran twice is clipped by the replay, whose record gradients include both uses."""
+    torch.manual_seed(0)
+    shared = nn.Linear(6, 6)
+    model = nn.Sequential(shared, nn.Tanh(), shared, nn.Tanh(), nn.Linear(6, 3))
+    x, y = at_norm_bound(8, (6,), 1.0), torch.arange(8) % 3
+    truth = clipped_sum(record_gradients(model, x, y), 0.2)
+    clipper = PerSampleClipping(model, MaterializedWeights(model), dict(model.named_parameters()), 0.2)
+    assert clipper.layers is not None
+    (CRITERION(model(x), y) * len(x)).backward()  # a summed loss: each row's output gradient is its record's
+    assert_close({name: value.double() for name, value in clipper.sums.items()}, truth)
+
+
+def exact_square_norm(rows: torch.Tensor, grads: torch.Tensor, views: int, bias: bool) -> list[Fraction]:
+    """||sum_p g_p a_p^T||^2 (+ ||sum_p g_p||^2) per record in exact rational arithmetic on the float rows."""
+    records = rows.shape[0] // views
+    result = []
+    for r in range(records):
+        a = [[Fraction(v) for v in row] for k in range(views) for row in rows[k * records + r].double().tolist()]
+        g = [[Fraction(v) for v in row] for k in range(views) for row in grads[k * records + r].double().tolist()]
+        total = sum((sum(gp[o] * ap[i] for gp, ap in zip(g, a))) ** 2 for o in range(len(g[0])) for i in range(len(a[0])))
+        if bias:
+            total += sum(sum(gp[o] for gp in g) ** 2 for o in range(len(g[0])))
+        result.append(total)
+    return result
+
+
+@pytest.mark.parametrize("positions, views, bias", [(1, 1, True), (1, 1, False), (1, 3, True), (7, 1, True),
+                                                     (5, 2, False)])
+def test_layer_norm_bounds_are_upper_bounds_of_the_exact_norms_even_where_the_sum_cancels(positions, views, bias):
+    """Rows built to stress the float sums: random rows, rows whose products cancel to (almost) zero, equal rows,
+    a wide dynamic range; the bound must be >= the exact rational norm and within 1e-6 of it (not loose)."""
+    generator = torch.Generator().manual_seed(positions * 10 + views)
+    n = 4 * views
+    rows = torch.randn(n, positions, 3, generator=generator)
+    grads = torch.randn(n, positions, 2, generator=generator)
+    records = n // views
+    rows[1::records] = 0.1  # record 1: equal rows
+    grads[2::records] *= torch.logspace(-6, 6, positions * 2).reshape(positions, 2)  # record 2: dynamic range
+    if positions * views > 1:  # record 3: its second row undoes its first (exact cancellation, up to rounding)
+        flat_rows, flat_grads = rows[3::records].reshape(-1, 3).clone(), grads[3::records].reshape(-1, 2).clone()
+        flat_rows[1], flat_grads[1] = flat_rows[0] * (1 + 2.0**-20), -flat_grads[0]
+        rows[3::records] = flat_rows.reshape(views, positions, 3)
+        grads[3::records] = flat_grads.reshape(views, positions, 2)
+    bounds = record_norm_bounds(rows, grads, views, bias)
+    for bound, exact in zip(bounds.tolist(), exact_square_norm(rows, grads, views, bias)):
+        assert Fraction(bound) >= exact
+        assert bound <= float(exact) * (1 + 1e-6) + 1e-12 * float(grads.double().pow(2).sum() * rows.double().pow(2).sum())
