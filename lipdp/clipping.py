@@ -10,13 +10,15 @@ record's gradient is the whole vector of its gradients of the *materialised* wei
 clipped jointly, so the released sum has L2 sensitivity C; the noisy gradient of a materialised weight is then
 carried back through the orthogonalisation exactly as the certified mechanism's is (``reparametrization.py``).
 
-Per-sample gradients without per-layer code: each training forward's input x is kept, and when the backward
+Per-record gradients come from one of two paths, chosen per pass (``PerSampleClipping``): the layer rows of
+``lipdp.layer_gradients`` where every trainable tensor sits in a dense or one-group conv layer (the orthogonal
+networks: no replay), else a replay. For the replay each training forward's input x is kept, and when the backward
 pass brings the output gradient rows g_i (already fixed by ``OutputGradientHook``: sum-reduced, logit-clipped,
 divided by K views), grad(x_i) = J_theta f(x_i)^T g_i is computed by ``torch.func`` (vmap of grad of
 <f_theta(x_i), g_i>) on a hook-free call of the same model with the same weights. With K views a record's rows
-are summed before clipping (its gradient is the mean of its views'). A record's norm is computed in float32 blocks
-summed in float64 and inflated by their rounding bound (``squared_norms``, ``SQUARED_NORM_ERROR``), so a clipped
-record's norm is <= C whatever the summation order. Forwards of public data
+are summed before clipping (its gradient is the mean of its views'). A replayed record's norm is computed in float32
+blocks summed in float64 and inflated by their rounding bound (``squared_norms``, ``SQUARED_NORM_ERROR``), so a
+clipped record's norm is <= C whatever the summation order. Forwards of public data
 (``lipdp.hooks.public_data``) are clipped row by row: sound, and they need no privacy.
 """
 
@@ -227,14 +229,16 @@ class PerSampleClipping:
     def _accumulate_layers(self, layers: list, views: int) -> None:
         """The layer path (class docstring), in chunks of records: each chunk's norms over every layer, factors,
         then its clipped sums."""
-        records = layers[0][1].shape[0] // views if layers else 0
-        width = max(layer_rows(module, inputs[:1], grad[:1])[0].shape[1] * (inputs[0].numel() + grad[0].numel())
-                    for module, inputs, grad in layers) if layers else 1
-        chunk = max(1, CHUNK_ELEMENTS // max(1, width * views))
+        records, device = layers[0][1].shape[0] // views, layers[0][1].device
+        width = 0  # numbers held per record: its rows (A, G) and, where formed, its weight gradient
+        for module, inputs, grad in layers:
+            a, g = layer_rows(module, inputs[:1], grad[:1])
+            width = max(width, views * a[0].numel() + views * g[0].numel() + a.shape[2] * g.shape[2])
+        chunk = max(1, CHUNK_ELEMENTS // width)
         for start in range(0, records, chunk):
             # View-major rows (lipdp.augment.make_views): record j's views are rows k * records + j.
-            index = (torch.arange(start, min(start + chunk, records))[None, :]
-                     + records * torch.arange(views)[:, None]).flatten()
+            index = (torch.arange(start, min(start + chunk, records), device=device)[None, :]
+                     + records * torch.arange(views, device=device)[:, None]).flatten()
             parts = [(module, *layer_rows(module, inputs[index], grad[index])) for module, inputs, grad in layers]
             squares = sum(record_norm_bounds(a, g, views, self.layers[module][1] is not None)
                           for module, a, g in parts)

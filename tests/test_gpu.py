@@ -84,7 +84,8 @@ def test_cuda_dense_bounds_equal_cpu_bounds_at_make_private() -> None:
 @pytest.mark.gpu
 @needs_cuda
 def test_clipping_mechanism_on_cuda_matches_the_cpu_clipped_sums() -> None:
-    """mechanism='clipping' on a CUDA model: per-record gradients (torch.func) and clipped sums equal the CPU ones."""
+    """mechanism='clipping' on a CUDA model: per-record gradients (the layer rows, lipdp.layer_gradients) and clipped
+    sums equal the CPU ones."""
     torch.manual_seed(0)
     cpu_model = orthogonal_cnn(SHAPE, 10, widths=(8, 16))
     x = torch.rand(16, *SHAPE)
