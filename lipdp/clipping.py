@@ -143,7 +143,9 @@ class PerSampleClipping:
     (plain parameter names, and ``path.weight`` for materialised weights).
 
     Where every trainable tensor is the weight or bias of a dense or one-group convolution layer (the orthogonal
-    networks), each record's gradient comes from the rows the training pass computed (``lipdp.layer_gradients``:
+    networks) and forming the per-record gradients of layers reached by several rows costs no more multiply-adds
+    than the one-row (dense) layers' forward (the patch CNN and MLPs; not the orthogonal 3x3 CNN), each record's
+    gradient comes from the rows the training pass computed (``lipdp.layer_gradients``:
     no replay; on the patch CNN at B 2048 a clipping step went from 8x to 1.2-1.4x the certified one,
     benchmarks/RESULTS.md); otherwise, or for a pass
     where a layer ran twice, from the torch.func replay (``PerRowGradients``). Either way the clipped records are
@@ -218,14 +220,24 @@ class PerSampleClipping:
 
     def _layer_rows(self, captured: _Pass | None, rows: int) -> list | None:
         """[(module, input, output gradient)] of every layer the backward reached in this pass, or None when the
-        replay must do it: no captures, a layer run twice, or rows that do not match."""
+        replay must do it: no captures, a layer run twice, rows that do not match, or forming per-record gradients
+        would cost more than the replay (see the class docstring)."""
         if captured is None or len({id(entry[0]) for entry in captured.layers}) != len(captured.layers):
             return None
         layers = [tuple(entry[:3]) for entry in captured.layers if entry[2] is not None]
-        if any(inputs.shape[0] != rows or layer_rows(module, inputs[:1], grad[:1]) is None
-               for module, inputs, grad in layers):
-            return None
-        return layers
+        formed = single = 0  # multiply-adds per record: forming W_r (several rows) / the one-row layers' forward
+        for module, inputs, grad in layers:
+            pair = layer_rows(module, inputs[:1], grad[:1])
+            if inputs.shape[0] != rows or pair is None:
+                return None
+            a, g = pair
+            if a.shape[1] * self.views > 1:
+                formed += a.shape[1] * self.views * a.shape[2] * g.shape[2]
+            else:
+                single += a.shape[2] * g.shape[2]
+        # Forming W_r in float64 costs about a per-sample backward: where it dominates (convolution stacks such as
+        # the orthogonal CNN: 1.28 s a step at B 512 against the replay's 0.83 s) the replay is faster.
+        return layers if formed <= single else None
 
     def _accumulate_layers(self, layers: list, views: int) -> None:
         """The layer path (class docstring), in chunks of records: each chunk's norms over every layer, factors,

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lipdp import LipDPEngine
 from lipdp.augment import RandomShift
-from lipdp.clipping import SQUARED_NORM_ERROR, PerSampleClipping, squared_norms
+from lipdp.clipping import SQUARED_NORM_ERROR, PerRowGradients, PerSampleClipping, squared_norms
 from lipdp.layer_gradients import record_norm_bounds
 from lipdp.hooks import RepeatedPassError
 from lipdp.losses import LipschitzCrossEntropy
@@ -96,6 +96,8 @@ def models():
     yield "orthogonal_mlp", orthogonal_mlp(12, 3, hidden=(16,)), (12,), 1.0, 1.0
     yield "orthogonal_patch_cnn", orthogonal_patch_cnn((1, 8, 8), 3, widths=(4, 8), dense_width=16, depth=2), \
         (1, 8, 8), 1.0, 1.0
+    yield "orthogonal_patch_cnn_28", orthogonal_patch_cnn((1, 28, 28), 3, widths=(4,), dense_width=64), \
+        (1, 28, 28), 1.0, 1.0
 
 
 @pytest.mark.parametrize("name, model, shape, radius, bound", list(models()), ids=lambda v: v if isinstance(v, str) else "")
@@ -110,9 +112,11 @@ def test_clipped_sums_match_torch_func_ground_truth(name, model, shape, radius, 
     assert_close(lipdp_sums(engine, private, x, y), clipped_sum(truth, max_grad_norm))
 
 
-def test_views_are_averaged_per_record_before_clipping():
+@pytest.mark.parametrize("network", ["cnn", "patch"])  # both take the replay: K views give dense layers K rows
+def test_views_are_averaged_per_record_before_clipping(network):
     torch.manual_seed(0)
-    model = orthogonal_cnn((1, 8, 8), 3, widths=(4,))
+    model = orthogonal_cnn((1, 8, 8), 3, widths=(4,)) if network == "cnn" else \
+        orthogonal_patch_cnn((1, 8, 8), 3, widths=(4,), dense_width=64)
     x, y = at_norm_bound(12, (1, 8, 8), 1.0, seed=2), torch.arange(12) % 3
     views = torch.cat([x, RandomShift(1)(x, torch.Generator().manual_seed(0))])
     truth = record_gradients(model, views, y.repeat(2), views=2)
@@ -249,16 +253,30 @@ def test_misuse_of_the_mechanism_arguments_is_refused(kwargs, error, match):
                                    noise_multiplier=1.0, input_norm_bound=1.0, **kwargs)
 
 
-def test_the_orthogonal_networks_clip_from_their_layers_rows_and_other_models_by_the_replay():
+def test_the_orthogonal_networks_clip_from_their_layers_rows_and_other_models_by_the_replay(monkeypatch):
     """The layer path (lipdp.layer_gradients) covers models whose trainable tensors all sit in dense / one-group
-    conv layers; a grouped convolution sends the model to the torch.func replay. Both match the ground truth
-    (test_clipped_sums_match_torch_func_ground_truth runs random models of both kinds)."""
-    x, y = at_norm_bound(8, (1, 8, 8), 1.0), torch.arange(8) % 3
+    conv layers, where forming per-record gradients costs no more than the one-row layers' forward: the patch CNN
+    and the MLP, not the 3x3 orthogonal CNN; a grouped convolution sends the model to the torch.func replay. Both
+    match the ground truth (test_clipped_sums_match_torch_func_ground_truth runs random models of both kinds)."""
+    x, y = at_norm_bound(8, (1, 28, 28), 1.0), torch.arange(8) % 3
     torch.manual_seed(0)
-    for model in (orthogonal_cnn((1, 8, 8), 3, widths=(4,)), orthogonal_patch_cnn((1, 8, 8), 3, widths=(4,)),
-                  orthogonal_mlp(64, 3, hidden=(8,))):
-        engine, _, _, _ = attach(model, x, y, 1.0)
+    models = {"patch": orthogonal_patch_cnn((1, 28, 28), 3, widths=(4,)), "mlp": orthogonal_mlp(784, 3, hidden=(8,)),
+              "cnn": orthogonal_cnn((1, 28, 28), 3, widths=(4, 8))}
+    attached = {name: attach(model, x, y, 1.0) for name, model in models.items()}
+
+    def replay_called(*args):
+        raise AssertionError("replay")
+
+    monkeypatch.setattr(PerRowGradients, "__call__", replay_called)
+    for name, (engine, private, _, _) in attached.items():
         assert engine.mechanism.clipping.layers is not None
+        if name == "cnn":
+            with pytest.raises(AssertionError, match="replay"):
+                lipdp_sums(engine, private, x, y)
+        else:
+            assert lipdp_sums(engine, private, x, y)
+    monkeypatch.undo()
+    x = at_norm_bound(8, (1, 8, 8), 1.0)
     grouped = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(64, 3))
     truth = clipped_sum(record_gradients(grouped, x, y), 0.1)
     engine, private, _, _ = attach(grouped, x, y, 0.1)
