@@ -305,7 +305,8 @@ def exact_square_norm(rows: torch.Tensor, grads: torch.Tensor, views: int, bias:
     for r in range(records):
         a = [[Fraction(v) for v in row] for k in range(views) for row in rows[k * records + r].double().tolist()]
         g = [[Fraction(v) for v in row] for k in range(views) for row in grads[k * records + r].double().tolist()]
-        total = sum((sum(gp[o] * ap[i] for gp, ap in zip(g, a))) ** 2 for o in range(len(g[0])) for i in range(len(a[0])))
+        total = sum(sum(gp[o] * ap[i] for gp, ap in zip(g, a)) ** 2
+                    for o in range(len(g[0])) for i in range(len(a[0])))
         if bias:
             total += sum(sum(gp[o] for gp in g) ** 2 for o in range(len(g[0])))
         result.append(total)
@@ -332,4 +333,5 @@ def test_layer_norm_bounds_are_upper_bounds_of_the_exact_norms_even_where_the_su
     bounds = record_norm_bounds(rows, grads, views, bias)
     for bound, exact in zip(bounds.tolist(), exact_square_norm(rows, grads, views, bias)):
         assert Fraction(bound) >= exact
-        assert bound <= float(exact) * (1 + 1e-6) + 1e-12 * float(grads.double().pow(2).sum() * rows.double().pow(2).sum())
+        scale = float(grads.double().pow(2).sum() * rows.double().pow(2).sum())
+        assert bound <= float(exact) * (1 + 1e-6) + 1e-12 * scale
