@@ -11,8 +11,8 @@ clipped jointly, so the released sum has L2 sensitivity C; the noisy gradient of
 carried back through the orthogonalisation exactly as the certified mechanism's is (``reparametrization.py``).
 
 Per-record gradients come from one of two paths, chosen per pass (``PerSampleClipping``): the layer rows of
-``lipdp.layer_gradients`` where every trainable tensor sits in a dense or one-group conv layer (the orthogonal
-networks: no replay), else a replay. For the replay each training forward's input x is kept, and when the backward
+``lipdp.layer_gradients`` where every trainable tensor sits in a dense or one-group conv layer and that is the
+cheaper path (the patch CNN and the MLPs: no replay), else a replay. For the replay each training forward's input x is kept, and when the backward
 pass brings the output gradient rows g_i (already fixed by ``OutputGradientHook``: sum-reduced, logit-clipped,
 divided by K views), grad(x_i) = J_theta f(x_i)^T g_i is computed by ``torch.func`` (vmap of grad of
 <f_theta(x_i), g_i>) on a hook-free call of the same model with the same weights. With K views a record's rows
@@ -197,9 +197,9 @@ class PerSampleClipping:
         rows = inputs.shape[0]
         if rows == 0:
             return
-        layers = self._layer_rows(captured, rows)
+        layers, width = self._layer_rows(captured, rows)
         if layers:
-            self._accumulate_layers(layers, views)
+            self._accumulate_layers(layers, views, width)
             return
         records = rows // views
         size = sum(weight.numel() for weight in weights.values())
@@ -218,36 +218,34 @@ class PerSampleClipping:
             for name, value in per_record.items():
                 self._add(name, torch.tensordot(factors.to(value.dtype), value, dims=1))
 
-    def _layer_rows(self, captured: _Pass | None, rows: int) -> list | None:
-        """[(module, input, output gradient)] of every layer the backward reached in this pass, or None when the
+    def _layer_rows(self, captured: _Pass | None, rows: int) -> tuple[list | None, int]:
+        """([(module, input, output gradient)] of every layer the backward reached in this pass, or None when the
         replay must do it: no captures, a layer run twice, rows that do not match, or forming per-record gradients
-        would cost more than the replay (see the class docstring)."""
+        would cost more than the replay (see the class docstring); and the numbers one record holds at its largest
+        layer: its rows (A, G) and, where formed, its weight gradient)."""
         if captured is None or len({id(entry[0]) for entry in captured.layers}) != len(captured.layers):
-            return None
+            return None, 0
         layers = [tuple(entry[:3]) for entry in captured.layers if entry[2] is not None]
-        formed = single = 0  # multiply-adds per record: forming W_r (several rows) / the one-row layers' forward
+        formed = single = width = 0  # multiply-adds per record: forming W_r (several rows) / one-row layers' forward
         for module, inputs, grad in layers:
             pair = layer_rows(module, inputs[:1], grad[:1])
             if inputs.shape[0] != rows or pair is None:
-                return None
+                return None, 0
             a, g = pair
+            width = max(width, self.views * (a[0].numel() + g[0].numel()) + a.shape[2] * g.shape[2])
             if a.shape[1] * self.views > 1:
                 formed += a.shape[1] * self.views * a.shape[2] * g.shape[2]
             else:
                 single += a.shape[2] * g.shape[2]
         # Forming W_r in float64 costs about a per-sample backward: where it dominates (convolution stacks such as
         # the orthogonal CNN: 1.28 s a step at B 512 against the replay's 0.83 s) the replay is faster.
-        return layers if formed <= single else None
+        return (layers if formed <= single else None), width
 
-    def _accumulate_layers(self, layers: list, views: int) -> None:
-        """The layer path (class docstring), in chunks of records: each chunk's norms over every layer, factors,
-        then its clipped sums."""
+    def _accumulate_layers(self, layers: list, views: int, width: int) -> None:
+        """The layer path (class docstring), in chunks of records of ``width`` numbers each: each chunk's norms over
+        every layer, factors, then its clipped sums."""
         records, device = layers[0][1].shape[0] // views, layers[0][1].device
-        width = 0  # numbers held per record: its rows (A, G) and, where formed, its weight gradient
-        for module, inputs, grad in layers:
-            a, g = layer_rows(module, inputs[:1], grad[:1])
-            width = max(width, views * a[0].numel() + views * g[0].numel() + a.shape[2] * g.shape[2])
-        chunk = max(1, CHUNK_ELEMENTS // width)
+        chunk = max(1, CHUNK_ELEMENTS // max(1, width))
         for start in range(0, records, chunk):
             # View-major rows (lipdp.augment.make_views): record j's views are rows k * records + j.
             index = (torch.arange(start, min(start + chunk, records), device=device)[None, :]
