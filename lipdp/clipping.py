@@ -238,7 +238,7 @@ class PerSampleClipping:
             else:
                 single += a.shape[2] * g.shape[2]
         # Forming W_r in float64 costs about a per-sample backward: where it dominates (convolution stacks such as
-        # the orthogonal CNN: 1.28 s a step at B 512 against the replay's 0.83 s) the replay is faster.
+        # the orthogonal CNN, slower than the replay in a scratch timing) the replay is faster.
         return (layers if formed <= single else None), width
 
     def _accumulate_layers(self, layers: list, views: int, width: int) -> None:
