@@ -21,6 +21,12 @@ spectral norm is ``max(1, max_i |1 - s_i^2|)`` for the singular values s_i of P,
 computed from P rather than assumed), the Euclidean norm (1). Composed with an L-Lipschitz per-sample feature map
 (the certified scattering rows of ``recipes.front_end``) the score is L-Lipschitz in the images, so its certified
 AUROC (``certified_auroc``) holds in pixel space.
+
+**Coordinates for OCSDF** (``SubspaceCoordinates``): the same (mu, P) as a per-sample map to k + 1 features,
+``z(x) = (P^T (x - mu), ||(I - P P^T)(x - mu)||)``, on which an OCSDF network learns a signed distance in a small
+space instead of the rows' thousands of dimensions. It is the linear map ``M = [P^T; I - P P^T]`` followed by the
+norm of its second block (1-Lipschitz), so its constant is ``||M||_2 = sqrt(max(1, max_i 1 - s_i^2 + s_i^4))``:
+``M^T M = I - Q + Q^2`` with ``Q = P P^T``, whose eigenvalues are s_i^2 (and 0 when k < F). 1 for orthonormal P.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from lipdp.statistics import ChannelBlock
 if TYPE_CHECKING:
     from lipdp.engine import LipDPEngine
 
-__all__ = ["SubspaceResidual", "fit_private_subspace", "fit_subspace", "top_eigenvectors"]
+__all__ = ["SubspaceCoordinates", "SubspaceResidual", "fit_private_subspace", "fit_subspace", "top_eigenvectors"]
 
 
 class SubspaceResidual(nn.Module):
@@ -63,6 +69,28 @@ class SubspaceResidual(nn.Module):
         if rank < features:
             gain = max(gain, 1.0)
         return gain * (1 + 1e-9)
+
+
+class SubspaceCoordinates(nn.Module):
+    """Rows (N, F) -> (N, k + 1): the coordinates in the subspace and the residual's norm (module docstring)."""
+
+    def __init__(self, mean: torch.Tensor, basis: torch.Tensor) -> None:
+        super().__init__()
+        self.residual = SubspaceResidual(mean, basis)  # validates the shapes; holds mu and P
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        """``(P^T (x - mu), ||(I - P P^T)(x - mu)||)`` of each row, computed in float64, in the rows' dtype."""
+        centred = rows.flatten(1).double() - self.residual.mean
+        coordinates = centred @ self.residual.basis
+        distance = (centred - coordinates @ self.residual.basis.T).norm(dim=1, keepdim=True)
+        return torch.cat([coordinates, distance], dim=1).to(rows.dtype)
+
+    def lipschitz(self) -> float:
+        """Certified constant ``sqrt(max(1, max_i 1 - s_i^2 + s_i^4))`` over the singular values s_i of P (the
+        module docstring), with a relative float64 slack of 1e-9."""
+        s2 = torch.linalg.svdvals(self.residual.basis).square()
+        gain = max(1.0, (1 - s2 + s2.square()).max().item()) if len(s2) else 1.0
+        return gain ** 0.5 * (1 + 1e-9)
 
 
 def _check_rank(rank: int, features: int) -> None:
