@@ -10,8 +10,12 @@ constant), optionally the AUROC under an L2 PGD attack of the same radius (never
 detector fitted without privacy and an IsolationForest, both for reference.
 
 Detectors (``--detector``; default ``subspace`` for images, ``ocsdf`` for tables, chosen on validation, README):
-  * ``ocsdf``: a signed distance function (orthogonal MLP on tables, orthogonal CNN on images) trained by private
-    steps against generated negatives (they depend on the model alone, lipdp.one_class.training);
+  * ``ocsdf``: a signed distance function (an orthogonal MLP) trained by private steps against generated negatives
+    (they depend on the model alone, lipdp.one_class.training). On tables its input is the preprocessed sample; on
+    images (``--features scattering``) it is the subspace coordinates of the certified scattering rows,
+    ``(P^T (x - mu), ||(I - P P^T)(x - mu)||)``, from the same two releases as the subspace detector, which spend
+    ``--release-fraction`` of epsilon (lipdp.one_class.SubspaceCoordinates, 1-Lipschitz); ``--features input``
+    trains an orthogonal CNN on the pixels instead;
   * ``subspace``: minus the distance to the normal rows' principal subspace, from their private mean and centred
     second moment (two Gaussian releases, lipdp.one_class.subspace). On images its rows are the certified
     1-Lipschitz scattering rows of recipes.front_end (``--features scattering``), so radii stay in pixel units.
@@ -65,6 +69,7 @@ from lipdp.one_class import (
     BoxPrior,
     NegativeSampler,
     OneClassHKR,
+    SubspaceCoordinates,
     SubspaceResidual,
     attacked_auroc,
     auroc,
@@ -89,6 +94,12 @@ DETECTORS = ("ocsdf", "subspace")
 #: on tables the rank is capped at a third of the features (breast_cancer's best of 3 / 10 / 20 on validation: 10).
 SUBSPACE_RANK = 40
 SUBSPACE_CLIP_FRACTION = 0.35
+#: OCSDF on the subspace coordinates of the scattering rows (images): defaults chosen on the validation split of
+#: Fashion-MNIST at epsilon = 8 (README, one-class). Each flag left unset takes the value here on images and the
+#: tabular default otherwise.
+COORDINATE_OCSDF = {"rank": 10, "lam": 0.0, "hidden": [128, 128], "batch_size": 1024, "epochs": 20,
+                    "newton_steps": 8, "release_fraction": 0.75}
+TABULAR_OCSDF = {"lam": 0.3, "hidden": [64, 64], "batch_size": 64, "newton_steps": 4}
 
 
 def build_parser() -> ArgumentParser:
@@ -124,18 +135,25 @@ def build_parser() -> ArgumentParser:
                                "distance to the private principal subspace (module doc); default: subspace for "
                                "images, ocsdf for tables")
     detector.add_argument("--features", choices=("scattering", "input"), default=None,
-                          help="rows of the subspace detector: the certified 1-Lipschitz scattering rows of the "
-                               "images (recipes.front_end, lipschitz normalisation) or the model input itself; "
-                               "default: scattering for images, input for tables")
+                          help="rows of the detector: the certified 1-Lipschitz scattering rows of the images "
+                               "(recipes.front_end, lipschitz normalisation; OCSDF then takes their subspace "
+                               "coordinates) or the model input itself; default: scattering for images, input for "
+                               "tables")
     detector.add_argument("--rank", type=int, default=None,
-                          help=f"k, the subspace detector's dimension; default: {SUBSPACE_RANK}, at most a third of "
-                               "the rows' features")
+                          help=f"k, the subspace's dimension; default: {SUBSPACE_RANK} for the subspace detector, "
+                               f"{COORDINATE_OCSDF['rank']} for OCSDF's coordinates, at most a third of the rows' "
+                               "features")
     detector.add_argument("--clip-fraction", type=float, default=SUBSPACE_CLIP_FRACTION,
                           help="the subspace releases clip rows, then centred rows, to R = this fraction of X "
                                "(--input-norm; the rows of a 1-Lipschitz map of inputs of norm <= X have norm <= X)")
+    detector.add_argument("--release-fraction", type=float, default=None,
+                          help="OCSDF on scattering rows: the share of --epsilon spent on the subspace's two releases "
+                               f"(the training spends the rest); default: {COORDINATE_OCSDF['release_fraction']}")
 
     model = p.add_argument_group("OCSDF model and loss")
-    model.add_argument("--hidden", type=int, nargs="*", default=[64, 64], help="MLP hidden widths (tabular data)")
+    model.add_argument("--hidden", type=int, nargs="*", default=None,
+                       help=f"MLP hidden widths; default: {TABULAR_OCSDF['hidden']} (tables), "
+                            f"{COORDINATE_OCSDF['hidden']} (scattering coordinates)")
     model.add_argument("--widths", type=int, nargs="+", default=[8, 16],
                        help="CNN stages (images): orthogonal 3x3 conv -> MaxMin -> 2x2 L2-norm pooling, per width")
     model.add_argument("--cnn-head", choices=("dense", "global"), default="dense",
@@ -144,8 +162,9 @@ def build_parser() -> ArgumentParser:
     model.add_argument("--cnn-hidden", type=int, default=64, help="width of the dense head's hidden layer")
     model.add_argument("--margin", type=float, default=None, help="HKR hinge margin m; default: 0.2 for tables, "
                        "1 for images (chosen on validation splits of breast_cancer and Fashion-MNIST class 0)")
-    model.add_argument("--lam", type=float, default=0.3,
-                       help="HKR hinge weight lambda; the loss Lipschitz constant, hence the noise, is 1 + lambda")
+    model.add_argument("--lam", type=float, default=None,
+                       help="HKR hinge weight lambda; the loss Lipschitz constant, hence the noise, is 1 + lambda; "
+                            f"default: {TABULAR_OCSDF['lam']} ({COORDINATE_OCSDF['lam']} on scattering coordinates)")
 
     neg = p.add_argument_group("negatives (public: they depend on the model alone)")
     neg.add_argument("--prior", choices=("box", "ball", "sphere"), default=None,
@@ -156,15 +175,21 @@ def build_parser() -> ArgumentParser:
     neg.add_argument("--no-fold", dest="fold", action="store_false",
                      help="do not fold ball/sphere negatives into the non-negative orthant (folding assumes, "
                           "publicly, non-negative features, as log1p of measurements and pixels are)")
-    neg.add_argument("--newton-steps", type=int, default=4, help="T: Newton-style steps toward the level set")
+    neg.add_argument("--newton-steps", type=int, default=None,
+                     help=f"T: Newton-style steps toward the level set; default: {TABULAR_OCSDF['newton_steps']} "
+                          f"({COORDINATE_OCSDF['newton_steps']} on scattering coordinates)")
     neg.add_argument("--newton-step-size", type=float, default=1.0, help="eta of the Newton steps")
     neg.add_argument("--level", type=float, default=0.0, help="level set the negatives are pushed toward")
     neg.add_argument("--warm-start-steps", type=int, default=20, help="first optimisation steps with T = 0")
     neg.add_argument("--negatives-per-step", type=int, default=None, help="default: the expected batch size")
 
     train = p.add_argument_group("training")
-    train.add_argument("--epochs", type=int, default=None, help="default: 50 for tables, 5 for images")
-    train.add_argument("--batch-size", type=int, default=64, help="expected (Poisson, if private) batch size")
+    train.add_argument("--epochs", type=int, default=None,
+                       help=f"default: 50 for tables, 5 for pixels, {COORDINATE_OCSDF['epochs']} for scattering "
+                            "coordinates")
+    train.add_argument("--batch-size", type=int, default=None,
+                       help=f"expected (Poisson, if private) batch size; default: {TABULAR_OCSDF['batch_size']} "
+                            f"({COORDINATE_OCSDF['batch_size']} on scattering coordinates)")
     train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     train.add_argument("--ema-decay", type=float, default=None,
                        help="evaluate an exponential moving average of the weights (free post-processing)")
@@ -209,8 +234,8 @@ def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError(f"--rank must be >= 0, got {args.rank}.", "give the subspace's dimension, e.g. --rank 10")
     if not 0 < args.clip_fraction <= 1:
         raise UserError(f"--clip-fraction must be in (0, 1], got {args.clip_fraction}.", "use e.g. 0.35")
-    if args.detector == "ocsdf" and args.features == "scattering":
-        raise UserError("--features scattering is for the subspace detector.", "add --detector subspace")
+    if args.release_fraction is not None and not 0 < args.release_fraction < 1:
+        raise UserError(f"--release-fraction must be in (0, 1), got {args.release_fraction}.", "use e.g. 0.75")
     if args.results is not None and not args.results.parent.is_dir():
         raise UserError(f"--results {args.results}: its folder does not exist.", "create it, or name another file")
     return args
@@ -305,14 +330,18 @@ def resolve_defaults(args: argparse.Namespace, input_shape: tuple[int, ...]) -> 
         args.input_norm = math.sqrt(math.prod(input_shape)) if image else 30.0
     if args.margin is None:
         args.margin = 1.0 if image else 0.2
-    if args.epochs is None:
-        args.epochs = 5 if image else 50
     if args.detector is None:
         args.detector = "subspace" if image else "ocsdf"
     if args.features is None:
-        args.features = "scattering" if image and args.detector == "subspace" else "input"
+        args.features = "scattering" if image else "input"
     if args.features == "scattering" and not image:
         raise UserError(f"--features scattering needs images; {args.dataset} is a table.", "use --features input")
+    coordinates = args.detector == "ocsdf" and args.features == "scattering"
+    for name, value in (COORDINATE_OCSDF if coordinates else TABULAR_OCSDF).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.epochs is None:
+        args.epochs = 5 if image else 50
 
 
 def load_tasks(args: argparse.Namespace) -> list[Task]:
@@ -339,7 +368,7 @@ def load_tasks(args: argparse.Namespace) -> list[Task]:
     features = inputs_train[0].numel()
     if args.rank is None:
         args.rank = min(SUBSPACE_RANK, features // 3)
-    if args.detector == "subspace" and args.rank > features:
+    if (args.detector == "subspace" or args.features == "scattering") and args.rank > features:
         raise UserError(f"--rank {args.rank} exceeds the {features} features of the detector's rows.",
                         f"give --rank between 0 and {features}")
     tasks = []
@@ -373,6 +402,10 @@ def orthogonal_cnn_dense_head(
 
 
 def build_model(task: Task, args: argparse.Namespace) -> nn.Module:
+    """The OCSDF network: an orthogonal MLP on the subspace coordinates (``--features scattering``) or on tables, an
+    orthogonal CNN on pixels."""
+    if task.feature_map is not None:  # coordinates of rows clipped to R before the releases: clipped to R here
+        return orthogonal_mlp(args.rank + 1, 1, hidden=args.hidden, input_norm_bound=coordinate_norm_bound(args))
     bound = args.input_norm  # X_0: every sample has norm X (sphere, lift) or is clipped to X (scale)
     if task.image and args.cnn_head == "global":
         return orthogonal_cnn(task.input_shape, 1, widths=args.widths, input_norm_bound=bound)
@@ -381,8 +414,15 @@ def build_model(task: Task, args: argparse.Namespace) -> nn.Module:
     return orthogonal_mlp(task.input_shape[0], 1, hidden=args.hidden, input_norm_bound=bound)
 
 
+def coordinate_norm_bound(args: argparse.Namespace) -> float:
+    """R: the OCSDF network's input clip and its negatives' ball on subspace coordinates (``--clip-fraction`` X)."""
+    return args.clip_fraction * args.input_norm
+
+
 def build_sampler(task: Task, args: argparse.Namespace) -> NegativeSampler:
-    if args.prior == "box":
+    if task.feature_map is not None:  # signed coordinates: the whole ball of radius R, not folded
+        prior = BallPrior((args.rank + 1,), coordinate_norm_bound(args))
+    elif args.prior == "box":
         prior = BoxPrior(task.input_shape, args.prior_low, args.prior_high)
     else:
         prior = BallPrior(task.input_shape, args.input_norm, surface=args.prior == "sphere", fold=args.fold)
@@ -418,26 +458,43 @@ def fit_subspace_detector(task: Task, args: argparse.Namespace, seed: int, epsil
     return model, record
 
 
+def fit_coordinates(task: Task, args: argparse.Namespace, engine: LipDPEngine | None,
+                    epsilon: float | None) -> SubspaceCoordinates:
+    """The subspace coordinates of the task's rows: from exact statistics, or from two releases through ``engine``
+    calibrated to spend ``--release-fraction`` of ``epsilon`` (the training then spends the rest)."""
+    if engine is None:
+        subspace = fit_subspace(task.train, args.rank)
+    else:
+        sigma = calibrate_noise(args.release_fraction * epsilon, args.delta, 1.0, steps=2, backend=args.accountant)
+        subspace = fit_private_subspace(engine, task.train, args.rank, coordinate_norm_bound(args), sigma, sigma)
+    return SubspaceCoordinates(subspace.mean, subspace.basis)
+
+
 def train_detector(task: Task, args: argparse.Namespace, seed: int, epsilon: float | None) -> tuple[nn.Module, dict]:
-    """Train one OCSDF detector; returns a plain (hook-free) model to evaluate and the privacy record."""
+    """Train one OCSDF detector; returns a plain (hook-free) model to evaluate and the privacy record. On
+    scattering rows the detector is ``SubspaceCoordinates`` followed by the network, one accountant for both."""
     torch.manual_seed(seed)
+    engine = LipDPEngine(accountant=args.accountant, seed=seed) if epsilon is not None else None
+    coordinates = fit_coordinates(task, args, engine, epsilon) if task.feature_map is not None else None
+    train = task.train if coordinates is None else coordinates(task.train)
     model = build_model(task, args)
     ema = WeightAverage(model, args.ema_decay) if args.ema_decay is not None else None
     criterion = OneClassHKR(args.margin, args.lam, reduction="sum")
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    dataset = TensorDataset(task.train, torch.zeros(len(task.train), dtype=torch.long))
+    dataset = TensorDataset(train, torch.zeros(len(train), dtype=torch.long))
     batch_size = min(args.batch_size, len(dataset))
+    input_shape = tuple(train.shape[1:])
     record: dict = {"private": epsilon is not None}
     if epsilon is None:
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(seed))
         divisor = 1.0
     else:
-        engine = LipDPEngine(accountant=args.accountant, seed=seed)
         model, optimizer, loader = engine.make_private_with_epsilon(
             module=model, optimizer=optimizer, data_loader=DataLoader(dataset, batch_size=batch_size),
             criterion=criterion, target_epsilon=epsilon, target_delta=args.delta, epochs=args.epochs,
-            input_norm_bound=args.input_norm, input_shape=task.input_shape, loss_reduction="sum",
+            input_norm_bound=coordinate_norm_bound(args) if coordinates is not None else args.input_norm,
+            input_shape=input_shape, loss_reduction="sum",
             noise_strategy=args.noise_strategy,
         )
         divisor = float(loader.expected_batch_size)
@@ -454,7 +511,8 @@ def train_detector(task: Task, args: argparse.Namespace, seed: int, epsilon: flo
                       steps=engine.accountant.total_steps)
     plain = build_model(task, args)  # the engine's hooks stay on `model`: evaluate a clean copy
     plain.load_state_dict(model.state_dict())
-    return (ema.copy_into(plain) if ema is not None else plain), record
+    plain = ema.copy_into(plain) if ema is not None else plain
+    return (plain if coordinates is None else nn.Sequential(coordinates, plain)), record
 
 
 # ------------------------------------------------------------------------------------------- evaluation
@@ -464,7 +522,7 @@ def evaluate(model: nn.Module, task: Task, args: argparse.Namespace, seed: int) 
     """AUROC, certified AUROC at ``--radii`` (in the preprocessed samples' units: the feature map is
     1-Lipschitz), and optionally the L2 PGD attack on the samples, through the feature map."""
     model.eval()
-    lip = model.lipschitz() if isinstance(model, SubspaceResidual) else lipschitz_constant(model, task.input_shape)
+    lip = detector_lipschitz(model, task.input_shape)
     normal, anomaly = scores(model, task.normal), scores(model, task.anomaly)
     if task.feature_map is not None:
         lip *= task.feature_map.lipschitz()
@@ -484,6 +542,16 @@ def evaluate(model: nn.Module, task: Task, args: argparse.Namespace, seed: int) 
             subset["certified"][str(r)] = certified_auroc(scores(model, xn), scores(model, xa), r, lipschitz=lip)
         out["attack_subset"] = subset
     return out
+
+
+def detector_lipschitz(model: nn.Module, input_shape: tuple[int, ...]) -> float:
+    """Certified constant of a detector in its rows: the subspace's own, the network's (``lipschitz_constant``),
+    or their product for ``SubspaceCoordinates`` followed by a network."""
+    if isinstance(model, SubspaceResidual):
+        return model.lipschitz()
+    if isinstance(model, nn.Sequential) and isinstance(model[0], SubspaceCoordinates):
+        return model[0].lipschitz() * lipschitz_constant(model[1], (model[0].residual.basis.shape[1] + 1,))
+    return lipschitz_constant(model, input_shape)
 
 
 def isolation_forest(task: Task, seed: int) -> float:
@@ -542,7 +610,10 @@ def summarise(results: list[dict], args: argparse.Namespace) -> str:
             f"run ({args.accountant} accountant), noise multiplier {', '.join(map(str, sigmas))}, sample rate "
             f"{', '.join(map(str, rates))}, {private[0]['steps']} steps; " + (
                 f"loss Lipschitz 1 + lambda = {1 + args.lam:g}" if args.detector == "ocsdf" else
-                f"rows clipped to R = {args.clip_fraction * args.input_norm:.4g}, rank {args.rank}")
+                f"rows clipped to R = {args.clip_fraction * args.input_norm:.4g}, rank {args.rank}") + (
+                f"; the first 2 steps are the subspace releases (rank {args.rank}, R = "
+                f"{coordinate_norm_bound(args):.4g}, {args.release_fraction:g} of epsilon)"
+                if args.detector == "ocsdf" and args.features == "scattering" else "")
         )
     attacks = [(r["normal_class"], m, r[m]["attack_subset"]) for r in results for m in ("nonprivate", "private")
                if m in r and "attack_subset" in r[m]]

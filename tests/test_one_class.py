@@ -366,13 +366,13 @@ def test_recipe_end_to_end_on_breast_cancer(tmp_path):
 
 @pytest.mark.slow
 def test_recipe_end_to_end_on_digits_images():
-    """The image path: orthogonal CNN with a dense head, box prior, radii in raw pixel units (16 per unit)."""
+    """The pixel path: orthogonal CNN with a dense head, box prior, radii in raw pixel units (16 per unit)."""
     pytest.importorskip("lipdp.engine")
     from recipes import one_class
 
     (result,) = one_class.run(one_class.parse_args([
-        "--dataset", "digits", "--detector", "ocsdf", "--normal-class", "3", "--epsilon", "8", "--epochs", "2",
-        "--batch-size", "32",
+        "--dataset", "digits", "--detector", "ocsdf", "--features", "input", "--normal-class", "3", "--epsilon", "8",
+        "--epochs", "2", "--batch-size", "32",
         "--newton-steps", "2", "--radii", "0", "0.5", "--quiet",
     ]))
     run = result["private"]

@@ -1,6 +1,7 @@
 """The private subspace detector (issue 16): its certified Lipschitz constant against gradient ascent, the
 sensitivity of its second release with the first one's mean, its accounting (and nothing spent on a refused call),
-detection on data with a known subspace, and the recipe's subspace paths end to end."""
+detection on data with a known subspace, the subspace coordinates OCSDF trains on (their certified constant), and
+the recipe's subspace paths end to end."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from accounting import calibrate_noise
 from lipdp.engine import LipDPEngine
-from lipdp.one_class import SubspaceResidual, auroc, fit_private_subspace, fit_subspace
+from lipdp.one_class import SubspaceCoordinates, SubspaceResidual, auroc, fit_private_subspace, fit_subspace
 from lipdp.one_class.subspace import top_eigenvectors
 from lipdp.statistics import ChannelBlock, channel_moments_query
 
@@ -22,15 +23,15 @@ def _orthonormal(features: int, rank: int, seed: int) -> torch.Tensor:
     return q
 
 
-def _ascended_ratio(detector: SubspaceResidual, features: int, seed: int, steps: int = 150) -> float:
-    """max over pairs of |f(x) - f(y)| / ||x - y||, by Adam on a batch of pairs (a lower bound of Lip(f))."""
+def _ascended_ratio(detector: torch.nn.Module, features: int, seed: int, steps: int = 150) -> float:
+    """max over pairs of ||f(x) - f(y)|| / ||x - y||, by Adam on a batch of pairs (a lower bound of Lip(f))."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(64, features, generator=generator, dtype=torch.float64).requires_grad_()
     y = (x.detach() + 0.1 * torch.randn(64, features, generator=generator, dtype=torch.float64)).requires_grad_()
     optimizer = torch.optim.Adam([x, y], lr=0.05)
     best = 0.0
     for _ in range(steps):
-        ratio = (detector(x) - detector(y)).abs()[:, 0] / (x - y).norm(dim=1).clamp_min(1e-9)
+        ratio = (detector(x) - detector(y)).norm(dim=1) / (x - y).norm(dim=1).clamp_min(1e-9)
         best = max(best, ratio.max().item())
         optimizer.zero_grad()
         (-ratio.sum()).backward()
@@ -55,6 +56,35 @@ def test_certified_lipschitz_is_never_exceeded_by_gradient_ascent(features, rank
     x = torch.randn(256, features, dtype=torch.float64, requires_grad=True)  # gradient norms at random points
     (grad,) = torch.autograd.grad(detector(x).sum(), x)
     assert grad.norm(dim=1).max().item() <= claimed + 1e-12
+
+
+@pytest.mark.parametrize("features,rank,basis_scale", [(6, 2, 1.0), (20, 5, 1.0), (8, 8, 1.0), (10, 0, 1.0),
+                                                        (12, 3, 1.3), (12, 3, 0.5), (12, 3, 0.8)])
+def test_coordinates_certified_lipschitz_is_never_exceeded_by_gradient_ascent(features, rank, basis_scale):
+    """The map to (P^T (x - mu), ||(I - P P^T)(x - mu)||): observed <= sqrt(max(1, 1 - s^2 + s^4)), 1 and reached
+    for orthonormal bases; scaled bases (s = 1.3: 1.47; s = 0.5, 0.8: 1) are checked against the same formula, and
+    the Jacobian's spectral norm at random points stays below it too."""
+    torch.manual_seed(features + rank)
+    basis = _orthonormal(features, rank, seed=rank) * basis_scale
+    coordinates = SubspaceCoordinates(torch.randn(features), basis)
+    claimed = coordinates.lipschitz()
+    s2 = basis_scale**2 if rank else 0.0
+    assert claimed == pytest.approx(max(1.0, 1 - s2 + s2**2) ** 0.5, rel=1e-8)
+    observed = _ascended_ratio(coordinates, features, seed=features)
+    assert observed <= claimed + 1e-12
+    if basis_scale == 1.0:
+        assert claimed == pytest.approx(1.0, abs=1e-8) and observed > 0.99
+    for point in torch.randn(16, features, dtype=torch.float64):
+        jacobian = torch.autograd.functional.jacobian(lambda v: coordinates(v[None])[0], point)
+        assert torch.linalg.matrix_norm(jacobian, ord=2).item() <= claimed + 1e-12
+
+
+def test_coordinates_are_the_subspace_coordinates_and_the_residual_distance():
+    mean, basis = torch.tensor([1.0, 2.0, 3.0]), torch.eye(3, dtype=torch.float64)[:, :2]
+    rows = torch.tensor([[1.0, 2.0, 3.0], [5.0, -1.0, 3.0], [1.0, 2.0, 7.0], [0.0, 0.0, 0.0]])
+    expected = [[0.0, 0.0, 0.0], [4.0, -3.0, 0.0], [0.0, 0.0, 4.0], [-1.0, -2.0, 3.0]]
+    assert SubspaceCoordinates(mean, basis)(rows).tolist() == expected
+    assert (SubspaceCoordinates(mean, basis)(rows)[:, -1] == -SubspaceResidual(mean, basis)(rows)[:, 0]).all()
 
 
 def test_the_score_is_minus_the_distance_to_the_affine_subspace():
@@ -148,6 +178,33 @@ def test_recipe_subspace_on_digits_images_certifies_in_pixel_space():
     assert result["private"]["epsilon"] <= 3.0 + 1e-6 and result["private"]["steps"] == 2
 
 
+def test_recipe_ocsdf_on_scattering_coordinates_of_digits_certifies_in_pixel_space():
+    """OCSDF on images by default trains on the subspace coordinates of the certified scattering rows: one
+    accountant for the two releases and the training (2 + training steps, epsilon <= the target), the detector's
+    constant is the coordinates' times the network's, and the PGD attack on the images never beats the
+    certificate."""
+    from recipes import one_class
+
+    args = one_class.parse_args([
+        "--dataset", "digits", "--detector", "ocsdf", "--normal-class", "3", "--epsilon", "3", "--rank", "5",
+        "--epochs", "10", "--batch-size", "32", "--warm-start-steps", "5", "--nonprivate-reference", "--radii", "0", "0.25", "1",
+        "--attack-steps", "5", "--attack-samples", "30", "--quiet",
+    ])
+    (result,) = one_class.run(args)
+    assert args.features == "scattering" and args.lam == 0.0 and args.hidden == [128, 128]
+    for method in ("private", "nonprivate"):
+        run = result[method]
+        assert 0.0 < run["lipschitz"] <= 1.0 + 1e-3
+        assert run["certified"]["0.0"] == run["auroc"] >= run["certified"]["1.0"]
+        for r, attacked in run["attack_subset"]["attacked"].items():
+            assert attacked >= run["attack_subset"]["certified"][r] - 1e-12
+    assert result["nonprivate"]["auroc"] > 0.75  # ~110 normals: at epsilon = 3 the private one is noise (README)
+    private = result["private"]
+    training_steps = 10 * round(result["n_train"] / 32)
+    assert private["steps"] == 2 + training_steps
+    assert 2.9 <= private["epsilon"] <= 3.0 + 1e-6
+
+
 def test_recipe_subspace_on_a_table(capsys):
     from recipes import one_class
 
@@ -176,7 +233,9 @@ def test_recipe_writes_its_summary_as_a_results_section(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["--dataset", "breast_cancer", "--features", "scattering", "--detector", "subspace"], "needs images"),
-    (["--dataset", "breast_cancer", "--detector", "ocsdf", "--features", "scattering"], "subspace detector"),
+    (["--dataset", "breast_cancer", "--detector", "ocsdf", "--features", "scattering"], "needs images"),
+    (["--dataset", "digits", "--detector", "ocsdf", "--epsilon", "3", "--release-fraction", "1"],
+     "--release-fraction"),
     (["--dataset", "breast_cancer", "--detector", "subspace", "--rank", "500", "--epsilon", "3"], "exceeds"),
     (["--dataset", "breast_cancer", "--clip-fraction", "0"], "--clip-fraction"),
     (["--dataset", "breast_cancer", "--rank", "-2"], "--rank"),
