@@ -57,9 +57,14 @@ class SubspaceResidual(nn.Module):
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         """-||(I - P P^T)(x - mu)|| of each row, shape (N, 1), in the rows' dtype."""
+        _, distance = self.split(rows)
+        return -distance.to(rows.dtype)
+
+    def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(P^T (x - mu), ||(I - P P^T)(x - mu)||)`` of each row, (N, k) and (N, 1), in float64."""
         centred = rows.flatten(1).double() - self.mean
-        residual = centred - (centred @ self.basis) @ self.basis.T
-        return -residual.norm(dim=1, keepdim=True).to(rows.dtype)
+        coordinates = centred @ self.basis
+        return coordinates, (centred - coordinates @ self.basis.T).norm(dim=1, keepdim=True)
 
     def lipschitz(self) -> float:
         """Certified constant of the score in its rows: ``||I - P P^T||_2 = max(1, max_i |1 - s_i(P)^2|)`` (the
@@ -80,10 +85,7 @@ class SubspaceCoordinates(nn.Module):
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         """``(P^T (x - mu), ||(I - P P^T)(x - mu)||)`` of each row, computed in float64, in the rows' dtype."""
-        centred = rows.flatten(1).double() - self.residual.mean
-        coordinates = centred @ self.residual.basis
-        distance = (centred - coordinates @ self.residual.basis.T).norm(dim=1, keepdim=True)
-        return torch.cat([coordinates, distance], dim=1).to(rows.dtype)
+        return torch.cat(self.residual.split(rows), dim=1).to(rows.dtype)
 
     def lipschitz(self) -> float:
         """Certified constant ``sqrt(max(1, max_i 1 - s_i^2 + s_i^4))`` over the singular values s_i of P (the
